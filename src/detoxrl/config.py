@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses with one help text per field.
+
+A run is described by :class:`TrainConfig`, loaded from YAML (:func:`load_config`) and
+overridden on the command line with dotted keys (``--ppo.learning_rate 3e-5``). The batch
+arithmetic is computed and checked once, by :meth:`TrainConfig.finalize`, right after parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+
+
+def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - 'help' mirrors argparse
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("google/flan-t5-base", "Hub id or local folder of the policy "
+                           "(any AutoModelForSeq2SeqLM or AutoModelForCausalLM); 'tiny:t5' and "
+                           "'tiny:gpt2' build tiny offline models.")
+    adapter: str | None = _f(None, "Existing LoRA adapter (Hub id or folder) to continue "
+                             "training; the reference model is then base + this adapter.")
+    dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16. float16 is "
+                    "refused for T5, which overflows in fp16.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the policy.")
+    trust_remote_code: bool = _f(False, "Run model code from the Hub. Off unless you trust it.")
+
+
+@dataclass
+class LoraSettings:
+    r: int | None = _f(None, "LoRA rank; default 32 for T5 (the tutorial), 16 otherwise.")
+    alpha: int | None = _f(None, "LoRA alpha; default equal to r.")
+    dropout: float = _f(0.05, "LoRA dropout. Only active in train mode, which RL never uses.")
+    target_modules: list[str] | None = _f(None, "Modules to adapt; default per architecture "
+                                          "(T5: q,v; GPT-2: c_attn; Llama: q_proj,v_proj).")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("knkarthick/dialogsum", "Hub dataset id or local .jsonl/.json/.csv/.parquet "
+                   "file; 'tiny:dialogsum' writes a small synthetic set.")
+    split: str = _f("train", "Split to read from a Hub dataset.")
+    kind: str = _f("dialogsum", "Prompt recipe: 'dialogsum' (filter + instruction template) or "
+                   "'rtp' (RealToxicityPrompts records, prompt.text, no template).")
+    text_column: str = _f("dialogue", "Column whose length is filtered and that fills the "
+                          "template's {dialogue}.")
+    summary_columns: list[str] | None = _f(None, "Reference summary columns; default 'summary' "
+                                           "or 'summary1'..'summary3', whichever exist.")
+    id_column: str | None = _f(None, "Row id column; default 'id' or 'fname', if present.")
+    template: str = _f(DEFAULT_TEMPLATE, "Instruction template; {name} placeholders are filled "
+                       "from the row's columns.")
+    min_chars: int = _f(200, "Keep rows with min_chars < len(text) (exclusive).")
+    max_chars: int = _f(1000, "Keep rows with len(text) <= max_chars.")
+    max_prompt_tokens: int = _f(512, "Truncate tokenized prompts to this many tokens.")
+    test_fraction: float = _f(0.2, "Share of kept rows held out as the test split.")
+    shuffle: bool = _f(False, "Shuffle before splitting (the tutorial did not).")
+    toxicity_threshold: float | None = _f(None, "rtp only: keep prompts with prompt.toxicity >= "
+                                          "this value.")
+    max_rows: int | None = _f(None, "Read at most this many rows (quick experiments).")
+
+
+@dataclass
+class RewardConfig:
+    model: str = _f("facebook/roberta-hate-speech-dynabench-r4-target", "Hub id or folder of an "
+                    "AutoModelForSequenceClassification; 'tiny:roberta-hate' for offline runs.")
+    label: str = _f("nothate", "Label whose score is the reward, looked up by name.")
+    output: str = _f("logit", "'logit' (the raw logit, as the tutorial) or 'prob'.")
+    score_on: str = _f("response", "'response' scores the response alone; 'query+response' "
+                       "scores prompt and response together, as the tutorial did.")
+    batch_size: int = _f(32, "Texts per classifier forward pass.")
+    max_length: int | None = _f(None, "Truncate inputs to this many tokens; default: the "
+                                "classifier's maximum.")
+
+
+@dataclass
+class SamplingConfig:
+    min_new_tokens_draw: int = _f(100, "Per-prompt max_new_tokens is drawn uniformly from "
+                                  "[min_new_tokens_draw, max_new_tokens_draw] (the tutorial's "
+                                  "LengthSampler(100, 400)).")
+    max_new_tokens_draw: int = _f(400, "Upper end of that draw (inclusive).")
+    min_length: int = _f(5, "Minimum response length in tokens (EOS is blocked before it).")
+    top_k: int = _f(0, "Top-k sampling; 0 disables it.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold; 1.0 disables it.")
+    temperature: float = _f(1.0, "Sampling temperature; log-probs are computed at the same one.")
+    do_sample: bool = _f(True, "Sample (True) or decode greedily (False).")
+    num_beams: int = _f(1, "Beams, for evaluation only; PPO needs sampling.")
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = _f(1.41e-5, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine...")
+    warmup_steps: int = _f(0, "Scheduler warm-up, in optimizer steps.")
+    batch_size: int = _f(16, "Prompts rolled out per PPO step, over all processes.")
+    mini_batch_size: int = _f(4, "Rollouts per optimizer step, over all processes.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per mini-batch.")
+    ppo_epochs: int = _f(1, "Passes over each batch of rollouts.")
+    gamma: float = _f(1.0, "Discount factor.")
+    lam: float = _f(0.95, "GAE lambda.")
+    cliprange: float = _f(0.2, "Clip range of the policy ratio.")
+    cliprange_value: float = _f(0.2, "Clip range of the value prediction.")
+    vf_coef: float = _f(0.1, "Value loss coefficient.")
+    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; null disables it.")
+    kl_estimator: str = _f("kl", "Per-token KL estimator: kl (k1), abs, mse, full (k3).")
+    kl_controller: str = _f("adaptive", "'adaptive' (Ziegler et al. 2019) or 'fixed'.")
+    init_kl_coef: float = _f(0.2, "Initial KL penalty coefficient.")
+    target_kl: float = _f(6.0, "Adaptive controller: target KL per sequence.")
+    horizon: int = _f(10000, "Adaptive controller: horizon, in rollouts.")
+    whiten_rewards: bool = _f(False, "Whiten the KL-shaped rewards before GAE.")
+    whiten_advantages: bool = _f(True, "Whiten advantages before the policy loss.")
+    normalize_scores: bool = _f(False, "Normalize scores by a running mean and std.")
+    score_clip: float | None = _f(None, "Clip (normalized) scores to [-score_clip, score_clip].")
+    missing_eos_penalty: float | None = _f(None, "Subtracted from the score of responses that "
+                                           "end without EOS.")
+    # Derived by finalize(); not set by users.
+    world_size: int = field(default=1, metadata={"help": "Derived: number of processes."})
+    local_batch_size: int = field(default=0, metadata={"help": "Derived: rollouts per process."})
+    local_mini_batch_size: int = field(default=0, metadata={"help": "Derived: per process."})
+    micro_batch_size: int = field(default=0, metadata={"help": "Derived: per forward pass."})
+    num_mini_batches: int = field(default=0, metadata={"help": "Derived: per PPO epoch."})
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt dataset."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward."})
+    generation: SamplingConfig = field(default_factory=SamplingConfig,
+                                       metadata={"help": "Rollout sampling."})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO settings."})
+    steps: int = _f(10, "PPO steps (batches of rollouts) to run.")
+    seed: int = _f(0, "Seed of everything: data order, sampling, initialisation.")
+    output_dir: str = _f("runs/detoxrl", "Where the adapter, metrics and checkpoints go.")
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    log_with: list[str] = _f([], "Accelerate trackers, e.g. [tensorboard] or [wandb].")
+    num_samples_logged: int = _f(8, "Rollouts per step written to samples.jsonl.")
+
+    def finalize(self, world_size: int = 1) -> TrainConfig:
+        """Derive per-process batch sizes and check every option; raise ConfigError if not."""
+        _check_choices(self)
+        p = self.ppo
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                     "ppo_epochs"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(p, name)}.")
+        if p.batch_size % p.mini_batch_size:
+            raise ConfigError(f"ppo.batch_size ({p.batch_size}) must be a multiple of "
+                              f"ppo.mini_batch_size ({p.mini_batch_size}).")
+        if p.mini_batch_size % (world_size * p.gradient_accumulation_steps):
+            raise ConfigError(
+                f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of processes "
+                f"({world_size}) x ppo.gradient_accumulation_steps "
+                f"({p.gradient_accumulation_steps}); change one of them.")
+        p.world_size = world_size
+        p.local_batch_size = p.batch_size // world_size
+        p.local_mini_batch_size = p.mini_batch_size // world_size
+        p.micro_batch_size = p.local_mini_batch_size // p.gradient_accumulation_steps
+        p.num_mini_batches = p.batch_size // p.mini_batch_size
+        g = self.generation
+        if not 1 <= g.min_new_tokens_draw <= g.max_new_tokens_draw:
+            raise ConfigError("generation.min_new_tokens_draw must be >= 1 and <= "
+                              f"generation.max_new_tokens_draw; got {g.min_new_tokens_draw} "
+                              f"and {g.max_new_tokens_draw}.")
+        if not g.do_sample or g.num_beams != 1:
+            raise ConfigError("PPO needs sampled rollouts: set generation.do_sample: true and "
+                              "generation.num_beams: 1 (beams are for evaluation).")
+        if g.temperature <= 0:
+            raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}.")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}.")
+        return self
+
+
+_CHOICES = {
+    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("data", "kind"): ("dialogsum", "rtp"),
+    ("reward", "output"): ("logit", "prob"),
+    ("reward", "score_on"): ("response", "query+response"),
+    ("ppo", "kl_estimator"): ("kl", "abs", "mse", "full"),
+    ("ppo", "kl_controller"): ("adaptive", "fixed"),
+}
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    for (section, name), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{name} is {value!r}; choose one of "
+                              + ", ".join(repr(a) for a in allowed) + ".")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = TrainConfig) -> Any:
+    """Build a config from an optional YAML file and ``--a.b value`` / ``a.b=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a YAML file, "
+                              "e.g. --config configs/tiny.yaml.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of options.")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    return from_dict(cls, raw)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """``['--ppo.lr', '1e-5', 'steps=3']`` -> ``[('ppo.lr', 1e-5), ('steps', 3)]``."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif arg.startswith("--"):
+            if i + 1 >= len(args):
+                raise ConfigError(f"Option {arg} needs a value, e.g. {arg} 3.")
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        elif "=" in arg:
+            key, text = arg.split("=", 1)
+        else:
+            raise ConfigError(f"Cannot read option {arg!r}; write --section.name value.")
+        pairs.append((key.replace("-", "_"), yaml.safe_load(text) if text else ""))
+        i += 1
+    return pairs
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Option {key!r}: {name!r} is not a section.")
+    node[leaf] = value
+
+
+def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking names and coercing types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = set(raw) - set(fields)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"Unknown option {prefix + name!r}. Options here: "
+                          + ", ".join(prefix + n for n in fields) + ".")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Option {prefix + name!r} is a section; give a mapping.")
+            kwargs[name] = from_dict(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        items = value if isinstance(value, list) else str(value).split(",")
+        return [_coerce(v, args[0], key) for v in items]
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (int, float)):
+        return str(value)
+    raise ConfigError(f"Option {key!r} must be {getattr(hint, '__name__', hint)}, "
+                      f"got {value!r}.")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data, for YAML/JSON output."""
+    return dataclasses.asdict(cfg)
+
+
+def help_table(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every option, for ``detoxrl train --help-config``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += help_table(hints[f.name], prefix + f.name + ".")
+        elif not f.metadata.get("help", "").startswith("Derived"):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows
