@@ -88,6 +88,7 @@ def _seed_all(seed: int) -> None:
 
 def build_seq2seq(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
     """A FLAN-T5-shaped model (gated-gelu, untied ``lm_head``), tiny."""
+    import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     _seed_all(seed)
@@ -99,6 +100,9 @@ def build_seq2seq(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
     )
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)
+    # T5's default init gives the untied head unit-variance weights, so logits have a std of
+    # ~sqrt(d_model) and sampling is near-greedy; trained FLAN-T5 heads are far smaller.
+    torch.nn.init.normal_(model.lm_head.weight, std=config.d_model ** -0.5)
     return _save(model, tokenizer, out_dir)
 
 
@@ -148,6 +152,9 @@ def untie_lm_head(model) -> None:
 
 
 def _save(model, tokenizer, out_dir: str | Path) -> Path:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # tiny models save in milliseconds; bars are noise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -1,0 +1,71 @@
+"""Loading pretrained models and tokenizers with clear errors, and choosing dtypes.
+
+Everything goes through ``from_pretrained`` with a Hub id or a local folder; ``tiny:NAME``
+resolves to a locally built tiny model. ``trust_remote_code`` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import tiny
+from .errors import ConfigError, ModelLoadError
+
+_FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def resolve_dtype(name: str, model_type: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on CPU and bf16 on GPUs that support it; fp16 is refused for T5."""
+    if name == "float16" and model_type in _FP16_UNSAFE:
+        raise ConfigError(f"float16 is not supported for {model_type} models: T5 activations "
+                          "overflow in fp16 and produce NaN. Use model.dtype: bfloat16 on GPU "
+                          "or float32.")
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _hub_hint(name: str) -> str:
+    return (f"Could not load {name!r}. If it is a Hub id, the Hugging Face Hub may be "
+            "unreachable from this machine: download it elsewhere (e.g. `hf download "
+            f"{name} --local-dir DIR`) and pass the local folder instead. If it is a local "
+            "path, check that the folder exists and holds config.json and the weights.")
+
+
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = tiny.resolve(name)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tiny.resolve(name), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
+
+
+def load_pretrained(auto_cls, name: str, **kwargs):
+    """``auto_cls.from_pretrained`` with the Hub/local-path hint on failure."""
+    try:
+        return auto_cls.from_pretrained(tiny.resolve(name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
+
+
+def freeze_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Put ``model`` in eval mode: dropout makes sampled and re-scored log-probs disagree.
+
+    RL never switches back to train mode; gradients still flow in eval mode.
+    """
+    model.eval()
+    return model

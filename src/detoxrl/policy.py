@@ -1,0 +1,263 @@
+"""The policy: a pretrained LM with a LoRA adapter and a value head, for T5/BART and GPT/Llama.
+
+Every difference between encoder-decoder and decoder-only models lives in this module:
+the query goes to the encoder (seq2seq) or is concatenated before the response (causal),
+causal queries are left-padded with explicit position ids, and T5 decoders start from the
+decoder start token. Code elsewhere sees only ``Rollout`` tensors and per-token outputs.
+
+The reference model is this same network with the RL adapter switched off: the bare base
+for a fresh adapter, or the *starting* adapter (loaded a second time, frozen) when training
+continues an existing one. That costs one adapter of memory, not a second model, and avoids
+the trap of comparing against the bare base (huggingface/trl#1340).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import rl_math
+from .batch import Rollout
+from .config import LoraSettings, ModelConfig, SamplingConfig
+from .errors import ConfigError
+from .generation import response_mask
+from .loading import freeze_dropout, load_config, load_pretrained, load_tokenizer, resolve_dtype
+
+DEFAULT_TARGETS = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "falcon": ["query_key_value"],
+}
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """A linear value estimate from the last hidden state; kept in fp32 for stable targets."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:                 # (B, T, H) -> (B, T)
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
+    values: Tensor | None         # (B, T) value before each response token
+    entropy: Tensor | None        # (B, T) entropy of each next-token distribution
+
+
+def default_lora(model_type: str, is_seq2seq: bool, lora: LoraSettings):
+    """A peft ``LoraConfig`` with the tutorial's T5 defaults and per-architecture targets."""
+    from peft import LoraConfig, TaskType
+
+    targets = lora.target_modules or DEFAULT_TARGETS.get(model_type, ["q_proj", "v_proj"])
+    r = lora.r or (32 if model_type in ("t5", "mt5", "umt5") else 16)
+    return LoraConfig(r=r, lora_alpha=lora.alpha or r, lora_dropout=lora.dropout,
+                      target_modules=targets, bias="none",
+                      task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
+
+
+class Policy(nn.Module):
+    """LoRA-adapted LM + value head. ``forward`` scores responses; ``generate`` samples them."""
+
+    def __init__(self, peft_model: nn.Module, tokenizer, has_reference_adapter: bool):
+        super().__init__()
+        self.model = peft_model
+        self.tokenizer = tokenizer
+        config = peft_model.get_base_model().config
+        self.is_seq2seq = bool(config.is_encoder_decoder)
+        self.value_head = ValueHead(config.get_text_config().hidden_size)
+        self.has_reference_adapter = has_reference_adapter
+        freeze_dropout(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, base: nn.Module, tokenizer, lora: LoraSettings | None = None,
+                   adapter: str | None = None, trained_adapter: str | None = None,
+                   trainable: bool = True) -> Policy:
+        """Wrap ``base`` with the RL adapter ("default") and, if needed, a reference adapter.
+
+        - fresh: a new LoRA from ``lora``; reference = adapters off.
+        - ``adapter``: continue it (trainable); reference = the same adapter, frozen.
+        - ``trained_adapter``: load a trained RL adapter; reference = ``adapter`` or base.
+        """
+        from peft import PeftModel, get_peft_model
+
+        config = base.config
+        start = trained_adapter or adapter
+        if start is None:
+            model = get_peft_model(base, default_lora(config.model_type,
+                                                      config.is_encoder_decoder,
+                                                      lora or LoraSettings()))
+        else:
+            model = PeftModel.from_pretrained(base, _resolve_adapter(start),
+                                              is_trainable=trainable)
+        if adapter is not None:
+            model.load_adapter(_resolve_adapter(adapter), adapter_name="reference",
+                               is_trainable=False)
+            model.set_adapter("default")
+        if not trainable:
+            model.requires_grad_(False)
+        policy = cls(model, tokenizer, has_reference_adapter=adapter is not None)
+        policy.value_head.requires_grad_(trainable)
+        return policy
+
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, lora: LoraSettings | None = None,
+                        trained_adapter: str | None = None, trainable: bool = True,
+                        device: torch.device | str = "cpu") -> Policy:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        device = torch.device(device)
+        hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
+        auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+        base = load_pretrained(auto_cls, cfg.name_or_path, dtype=dtype, revision=cfg.revision,
+                               trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        _ensure_pad_token(tokenizer, base)
+        policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable)
+        return policy.to(device)
+
+    # ------------------------------------------------------------------ reference
+    @contextmanager
+    def reference(self):
+        """Within this block the network computes the reference policy (the starting one)."""
+        if self.has_reference_adapter:
+            self.model.set_adapter("reference")
+            try:
+                yield self
+            finally:
+                self.model.set_adapter("default")   # also restores requires_grad on "default"
+        else:
+            with self.model.disable_adapter():
+                yield self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                response_mask: Tensor, temperature: float = 1.0, with_values: bool = True,
+                with_entropy: bool = False) -> PolicyOutput:
+        """Per-token log-probs (and values, entropy) of ``response_ids`` given the queries.
+
+        Shapes: queries (B, Q), responses (B, T); every output is (B, T). Positions outside
+        ``response_mask`` hold finite but meaningless numbers; callers mask them.
+        """
+        if self.is_seq2seq:
+            logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
+                                                  response_mask)
+        else:
+            logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
+                                                 response_mask)
+        logits = logits.float() / temperature                               # (B, T, V)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        values = self.value_head(hidden) if with_values else None
+        entropy = rl_math.entropy_from_logits(logits) if with_entropy else None
+        return PolicyOutput(token_logprobs, values, entropy)
+
+    def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask):
+        # Teacher forcing: the decoder sees [start] + response[:-1], so position t predicts
+        # response token t, the first token included (TRL-classic never scored it).
+        start = self.model.get_base_model().config.decoder_start_token_id
+        start_col = torch.full_like(response_ids[:, :1], start)
+        decoder_ids = torch.cat([start_col, response_ids[:, :-1]], dim=1)               # (B, T)
+        decoder_mask = torch.cat([torch.ones_like(start_col), response_mask[:, :-1]], dim=1)
+        out = self.model(input_ids=query_ids, attention_mask=query_mask,
+                         decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
+                         output_hidden_states=True, use_cache=False)
+        return out.logits, out.decoder_hidden_states[-1]
+
+    def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
+        # Queries are left-padded, so position ids count real tokens only; otherwise a
+        # prompt's positions (and log-probs) would depend on the longest prompt in the batch.
+        input_ids = torch.cat([query_ids, response_ids], dim=1)                         # (B, Q+T)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         output_hidden_states=True, use_cache=False)
+        q, t = query_ids.shape[1], response_ids.shape[1]
+        # The state at position i predicts token i + 1: response token j comes from q - 1 + j.
+        return out.logits[:, q - 1:q - 1 + t], out.hidden_states[-1][:, q - 1:q - 1 + t]
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def padding_side(self) -> str:
+        """How queries are padded: left for causal LMs (they generate at the right edge)."""
+        return "right" if self.is_seq2seq else "left"
+
+    @torch.no_grad()
+    def generate(self, query_ids: Tensor, query_mask: Tensor, sampling: SamplingConfig,
+                 limits: list[int] | None = None, queries: list[str] | None = None,
+                 synced_gpus: bool = False) -> Rollout:
+        """One batched ``generate`` to the largest per-sample limit, each cut at its own."""
+        if limits is None:
+            limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
+        tok = self.tokenizer
+        sequences = self.model.generate(
+            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
+            min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
+            top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
+            num_beams=sampling.num_beams, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus)
+        # Seq2seq output starts with the decoder start token; causal output with the query.
+        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
+        limit_t = torch.tensor(limits, device=response.device)
+        mask, ended = response_mask(response, limit_t, tok.eos_token_id)
+        response = torch.where(mask.bool(), response, tok.pad_token_id)
+        if queries is None:
+            queries = tok.batch_decode(query_ids, skip_special_tokens=True)
+        return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
+                       response_mask=mask, queries=list(queries),
+                       responses=tok.batch_decode(response, skip_special_tokens=True),
+                       ended_with_eos=ended).trim()
+
+    # ------------------------------------------------------------------ parameters, saving
+    def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:
+        """(trainable, total, percent), as the tutorial prints them."""
+        params = list(self.parameters() if include_value_head else self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        return trainable, total, 100.0 * trainable / total
+
+    def save(self, out_dir: str | Path) -> None:
+        """The RL adapter in peft format and the value head as safetensors."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out, selected_adapters=["default"])
+        save_file({k: v.detach().cpu().contiguous() for k, v in
+                   self.value_head.state_dict().items()}, out / VALUE_HEAD_FILE)
+
+    def load_trained(self, adapter_dir: str | Path) -> None:
+        """Load adapter and value-head weights written by :meth:`save` (for resuming)."""
+        from peft import set_peft_model_state_dict
+
+        adapter_dir = Path(adapter_dir)
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        set_peft_model_state_dict(self.model, weights, adapter_name="default")
+        head = adapter_dir / VALUE_HEAD_FILE
+        if head.exists():
+            self.value_head.load_state_dict(load_file(head))
+
+
+def _resolve_adapter(path: str) -> str:
+    if Path(path).exists() or "/" in path:
+        return path
+    raise ConfigError(f"LoRA adapter {path!r} not found: pass a folder written by "
+                      "save_pretrained (adapter_config.json + adapter_model.safetensors) or a "
+                      "Hub id of the form owner/name.")
+
+
+def _ensure_pad_token(tokenizer, model) -> None:
+    """GPT-2-style tokenizers have no pad token; EOS serves, since padding is masked out."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
