@@ -21,7 +21,8 @@ from .errors import ConfigError
 DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
 
-def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - 'help' mirrors argparse
+def option(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a default and a help text (list/dict defaults are copied)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help}, **kw)
@@ -29,103 +30,108 @@ def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - 'help' mirrors arg
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("google/flan-t5-base", "Hub id or local folder of the policy "
+    name_or_path: str = option("google/flan-t5-base", "Hub id or local folder of the policy "
                            "(any AutoModelForSeq2SeqLM or AutoModelForCausalLM); 'tiny:t5' and "
                            "'tiny:gpt2' build tiny offline models.")
-    adapter: str | None = _f(None, "Existing LoRA adapter (Hub id or folder) to continue "
+    adapter: str | None = option(None, "Existing LoRA adapter (Hub id or folder) to continue "
                              "training; the reference model is then base + this adapter.")
-    dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16. float16 is "
+    dtype: str = option("auto", "auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16. float16 is "
                     "refused for T5, which overflows in fp16.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the policy.")
-    trust_remote_code: bool = _f(False, "Run model code from the Hub. Off unless you trust it.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the policy.")
+    trust_remote_code: bool = option(False, "Run model code from the Hub. Off unless you trust it.")
 
 
 @dataclass
 class LoraSettings:
-    r: int | None = _f(None, "LoRA rank; default 32 for T5 (the tutorial), 16 otherwise.")
-    alpha: int | None = _f(None, "LoRA alpha; default equal to r.")
-    dropout: float = _f(0.05, "LoRA dropout. Only active in train mode, which RL never uses.")
-    target_modules: list[str] | None = _f(None, "Modules to adapt; default per architecture "
+    r: int | None = option(None, "LoRA rank; default 32 for T5 (the tutorial), 16 otherwise.")
+    alpha: int | None = option(None, "LoRA alpha; default equal to r.")
+    dropout: float = option(0.05, "LoRA dropout. Only active in train mode, which RL never uses.")
+    target_modules: list[str] | None = option(None, "Modules to adapt; default per architecture "
                                           "(T5: q,v; GPT-2: c_attn; Llama: q_proj,v_proj).")
 
 
 @dataclass
 class DataConfig:
-    path: str = _f("knkarthick/dialogsum", "Hub dataset id or local .jsonl/.json/.csv/.parquet "
+    path: str = option("knkarthick/dialogsum", "Hub dataset id or local .jsonl/.json/.csv/.parquet "
                    "file; 'tiny:dialogsum' writes a small synthetic set.")
-    split: str = _f("train", "Split to read from a Hub dataset.")
-    kind: str = _f("dialogsum", "Prompt recipe: 'dialogsum' (filter + instruction template) or "
+    split: str = option("train", "Split to read from a Hub dataset.")
+    kind: str = option("dialogsum", "Prompt recipe: 'dialogsum' (filter + instruction template) or "
                    "'rtp' (RealToxicityPrompts records, prompt.text, no template).")
-    text_column: str = _f("dialogue", "Column whose length is filtered and that fills the "
+    text_column: str = option("dialogue", "Column whose length is filtered and that fills the "
                           "template's {dialogue}.")
-    summary_columns: list[str] | None = _f(None, "Reference summary columns; default 'summary' "
+    summary_columns: list[str] | None = option(None, "Reference summary columns; default 'summary' "
                                            "or 'summary1'..'summary3', whichever exist.")
-    id_column: str | None = _f(None, "Row id column; default 'id' or 'fname', if present.")
-    template: str = _f(DEFAULT_TEMPLATE, "Instruction template; {name} placeholders are filled "
+    id_column: str | None = option(None, "Row id column; default 'id' or 'fname', if present.")
+    template: str = option(DEFAULT_TEMPLATE, "Instruction template; {name} placeholders are filled "
                        "from the row's columns.")
-    min_chars: int = _f(200, "Keep rows with min_chars < len(text) (exclusive).")
-    max_chars: int = _f(1000, "Keep rows with len(text) <= max_chars.")
-    max_prompt_tokens: int = _f(512, "Truncate tokenized prompts to this many tokens.")
-    test_fraction: float = _f(0.2, "Share of kept rows held out as the test split.")
-    shuffle: bool = _f(False, "Shuffle before splitting (the tutorial did not).")
-    toxicity_threshold: float | None = _f(None, "rtp only: keep prompts with prompt.toxicity >= "
+    min_chars: int = option(200, "Keep rows with min_chars < len(text) (exclusive).")
+    max_chars: int = option(1000, "Keep rows with len(text) <= max_chars.")
+    max_prompt_tokens: int = option(512, "Truncate tokenized prompts to this many tokens.")
+    test_fraction: float = option(0.2, "Share of kept rows held out as the test split.")
+    shuffle: bool = option(False, "Shuffle before splitting (the tutorial did not).")
+    toxicity_threshold: float | None = option(None, "rtp only: keep prompts with "
+                                              "prompt.toxicity >= "
                                           "this value.")
-    max_rows: int | None = _f(None, "Read at most this many rows (quick experiments).")
+    max_rows: int | None = option(None, "Read at most this many rows (quick experiments).")
 
 
 @dataclass
 class RewardConfig:
-    model: str = _f("facebook/roberta-hate-speech-dynabench-r4-target", "Hub id or folder of an "
+    model: str = option("facebook/roberta-hate-speech-dynabench-r4-target",
+                        "Hub id or folder of an "
                     "AutoModelForSequenceClassification; 'tiny:roberta-hate' for offline runs.")
-    label: str = _f("nothate", "Label whose score is the reward, looked up by name.")
-    output: str = _f("logit", "'logit' (the raw logit, as the tutorial) or 'prob'.")
-    score_on: str = _f("response", "'response' scores the response alone; 'query+response' "
+    label: str = option("nothate", "Label whose score is the reward, looked up by name.")
+    output: str = option("logit", "'logit' (the raw logit, as the tutorial) or 'prob'.")
+    score_on: str = option("response", "'response' scores the response alone; 'query+response' "
                        "scores prompt and response together, as the tutorial did.")
-    batch_size: int = _f(32, "Texts per classifier forward pass.")
-    max_length: int | None = _f(None, "Truncate inputs to this many tokens; default: the "
+    batch_size: int = option(32, "Texts per classifier forward pass.")
+    max_length: int | None = option(None, "Truncate inputs to this many tokens; default: the "
                                 "classifier's maximum.")
 
 
 @dataclass
 class SamplingConfig:
-    min_new_tokens_draw: int = _f(100, "Per-prompt max_new_tokens is drawn uniformly from "
+    min_new_tokens_draw: int = option(100, "Per-prompt max_new_tokens is drawn uniformly from "
                                   "[min_new_tokens_draw, max_new_tokens_draw] (the tutorial's "
                                   "LengthSampler(100, 400)).")
-    max_new_tokens_draw: int = _f(400, "Upper end of that draw (inclusive).")
-    min_length: int = _f(5, "Minimum response length in tokens (EOS is blocked before it).")
-    top_k: int = _f(0, "Top-k sampling; 0 disables it.")
-    top_p: float = _f(1.0, "Nucleus sampling threshold; 1.0 disables it.")
-    temperature: float = _f(1.0, "Sampling temperature; log-probs are computed at the same one.")
-    do_sample: bool = _f(True, "Sample (True) or decode greedily (False).")
-    num_beams: int = _f(1, "Beams, for evaluation only; PPO needs sampling.")
+    max_new_tokens_draw: int = option(400, "Upper end of that draw (inclusive).")
+    min_length: int = option(5, "Minimum response length in tokens (EOS is blocked before it).")
+    top_k: int = option(0, "Top-k sampling; 0 disables it.")
+    top_p: float = option(1.0, "Nucleus sampling threshold; 1.0 disables it.")
+    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the "
+                                "same one.")
+    do_sample: bool = option(True, "Sample (True) or decode greedily (False).")
+    num_beams: int = option(1, "Beams, for evaluation only; PPO needs sampling.")
 
 
 @dataclass
 class PPOConfig:
-    learning_rate: float = _f(1.41e-5, "AdamW learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    lr_scheduler: str = _f("constant", "transformers scheduler name: constant, linear, cosine...")
-    warmup_steps: int = _f(0, "Scheduler warm-up, in optimizer steps.")
-    batch_size: int = _f(16, "Prompts rolled out per PPO step, over all processes.")
-    mini_batch_size: int = _f(4, "Rollouts per optimizer step, over all processes.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per mini-batch.")
-    ppo_epochs: int = _f(1, "Passes over each batch of rollouts.")
-    gamma: float = _f(1.0, "Discount factor.")
-    lam: float = _f(0.95, "GAE lambda.")
-    cliprange: float = _f(0.2, "Clip range of the policy ratio.")
-    cliprange_value: float = _f(0.2, "Clip range of the value prediction.")
-    vf_coef: float = _f(0.1, "Value loss coefficient.")
-    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; null disables it.")
-    kl_estimator: str = _f("kl", "Per-token KL estimator: kl (k1), abs, mse, full (k3).")
-    kl_controller: str = _f("adaptive", "'adaptive' (Ziegler et al. 2019) or 'fixed'.")
-    init_kl_coef: float = _f(0.2, "Initial KL penalty coefficient.")
-    target_kl: float = _f(6.0, "Adaptive controller: target KL per sequence.")
-    horizon: int = _f(10000, "Adaptive controller: horizon, in rollouts.")
-    whiten_rewards: bool = _f(False, "Whiten the KL-shaped rewards before GAE.")
-    whiten_advantages: bool = _f(True, "Whiten advantages before the policy loss.")
-    normalize_scores: bool = _f(False, "Normalize scores by a running mean and std.")
-    score_clip: float | None = _f(None, "Clip (normalized) scores to [-score_clip, score_clip].")
-    missing_eos_penalty: float | None = _f(None, "Subtracted from the score of responses that "
+    learning_rate: float = option(1.41e-5, "AdamW learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    lr_scheduler: str = option("constant", "transformers scheduler name: constant, linear, "
+                               "cosine, ...")
+    warmup_steps: int = option(0, "Scheduler warm-up, in optimizer steps.")
+    batch_size: int = option(16, "Prompts rolled out per PPO step, over all processes.")
+    mini_batch_size: int = option(4, "Rollouts per optimizer step, over all processes.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch.")
+    ppo_epochs: int = option(1, "Passes over each batch of rollouts.")
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "GAE lambda.")
+    cliprange: float = option(0.2, "Clip range of the policy ratio.")
+    cliprange_value: float = option(0.2, "Clip range of the value prediction.")
+    vf_coef: float = option(0.1, "Value loss coefficient.")
+    max_grad_norm: float | None = option(1.0, "Gradient clipping norm; null disables it.")
+    kl_estimator: str = option("kl", "Per-token KL estimator: kl (k1), abs, mse, full (k3).")
+    kl_controller: str = option("adaptive", "'adaptive' (Ziegler et al. 2019) or 'fixed'.")
+    init_kl_coef: float = option(0.2, "Initial KL penalty coefficient.")
+    target_kl: float = option(6.0, "Adaptive controller: target KL per sequence.")
+    horizon: int = option(10000, "Adaptive controller: horizon, in rollouts.")
+    whiten_rewards: bool = option(False, "Whiten the KL-shaped rewards before GAE.")
+    whiten_advantages: bool = option(True, "Whiten advantages before the policy loss.")
+    normalize_scores: bool = option(False, "Normalize scores by a running mean and std.")
+    score_clip: float | None = option(None, "Clip (normalized) scores to "
+                                      "[-score_clip, score_clip].")
+    missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses that "
                                            "end without EOS.")
     # Derived by finalize(); not set by users.
     world_size: int = field(default=1, metadata={"help": "Derived: number of processes."})
@@ -144,12 +150,12 @@ class TrainConfig:
     generation: SamplingConfig = field(default_factory=SamplingConfig,
                                        metadata={"help": "Rollout sampling."})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO settings."})
-    steps: int = _f(10, "PPO steps (batches of rollouts) to run.")
-    seed: int = _f(0, "Seed of everything: data order, sampling, initialisation.")
-    output_dir: str = _f("runs/detoxrl", "Where the adapter, metrics and checkpoints go.")
-    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
-    log_with: list[str] = _f([], "Accelerate trackers, e.g. [tensorboard] or [wandb].")
-    num_samples_logged: int = _f(8, "Rollouts per step written to samples.jsonl.")
+    steps: int = option(10, "PPO steps (batches of rollouts) to run.")
+    seed: int = option(0, "Seed of everything: data order, sampling, initialisation.")
+    output_dir: str = option("runs/detoxrl", "Where the adapter, metrics and checkpoints go.")
+    save_every: int = option(0, "Checkpoint every N steps (0: only at the end).")
+    log_with: list[str] = option([], "Accelerate trackers, e.g. [tensorboard] or [wandb].")
+    num_samples_logged: int = option(8, "Rollouts per step written to samples.jsonl.")
 
     def finalize(self, world_size: int = 1) -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not."""
