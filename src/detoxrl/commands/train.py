@@ -1,0 +1,45 @@
+"""``detoxrl train``: PPO detoxification from a YAML config plus dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="Train a policy with PPO against a toxicity classifier.",
+        description="Train with PPO. Options come from --config (YAML) and may be overridden "
+        "with dotted keys, e.g. --ppo.learning_rate 3e-5 --steps 20 --model.name_or_path "
+        "./flan-t5-base. Run with --help-config to list every option.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml.")
+    p.add_argument("--output-dir", help="Run folder (overrides output_dir).")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue from the newest checkpoint in the run folder.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Start again in a run folder that already holds a run.")
+    p.add_argument("--help-config", action="store_true", help="List every config option.")
+    p.add_argument("--quiet", action="store_true", help="No progress bar or parameter report.")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    from ..config import help_table, load_config
+
+    if args.help_config:
+        for key, default, text in help_table():
+            print(f"--{key} (default {default})\n    {text}")
+        return 0
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides += ["--output_dir", args.output_dir]
+    cfg = load_config(args.config, overrides)
+    from ..run import train
+
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    if result.metrics and not args.quiet:
+        last = result.metrics[-1]
+        print(f"done: {len(result.metrics)} steps, last reward mean "
+              f"{last.get('env/reward_mean', float('nan')):.4f}, KL "
+              f"{last.get('objective/kl', float('nan')):.4f}; outputs in {result.output_dir}")
+    return 0
