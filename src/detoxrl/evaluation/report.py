@@ -1,0 +1,274 @@
+"""One self-contained HTML report of a run: config, training curves, toxicity, tables.
+
+The page references nothing outside itself: figures are embedded as base64 PNG and the CSS
+is inline, so the file can be mailed, archived or opened offline. Every input is optional;
+a missing or unreadable one replaces its section with a short note.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import DetoxError
+from ..io import atomic_write_text
+from .tables import CSS, html_table, read_rows
+
+CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),
+          ("objective/kl_coef", "KL coefficient"), ("ppo/returns/mean", "Returns (mean)"),
+          ("ppo/loss/policy", "Policy loss"), ("ppo/loss/value", "Value loss"))
+QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "mean_length")
+MAX_COMPARISON_ROWS = 100  # the best and worst halves are shown beyond this
+_EXTRA_CSS = """
+h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 0.75rem; overflow-x: auto; }
+p.note { color: #666; font-style: italic; }
+img { max-width: 100%; }
+.improved { color: #16794a; font-weight: 600; } .worse { color: #b3261e; font-weight: 600; }
+""".strip()
+
+
+def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write the HTML report of ``run_dir`` (default ``run_dir/report.html``); return its path.
+
+    Reads, each if present: ``config.yaml``; ``metrics.jsonl`` (one JSON object per line
+    with ``step`` and the keys in :data:`CURVES`); ``eval/toxicity.json``
+    (``{"before": [p, ...], "after": [p, ...]}``, toxic-label probabilities per prompt);
+    ``eval/summary.json``; ``eval/compare.csv`` or ``eval/compare.json`` (rows of
+    :func:`detoxrl.evaluation.tables.comparison_rows`).
+
+    ``eval/summary.json`` schema (as built by
+    :func:`detoxrl.evaluation.stats.evaluation_summary`; every top-level key optional)::
+
+        {"n": 100, "toxic_label": "hate", "confidence": 0.95, "n_resamples": 10000,
+         "seed": 0,
+         "metrics": {                     # stats.compare() per metric
+           "toxicity": {"lower_is_better": true,
+                        "before": summarize(), "after": summarize(),  # mean, std, median,
+                                                     # share_above_0_5, max, n
+                        "percent_improvement": {"mean": %, "std": %},
+                        "bootstrap": {"mean": {paired_bootstrap() keys + "verdict"},
+                                      "std": {...}}},
+           "reward": {... same, "lower_is_better": false}},
+         "quality": {"before": {"rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2",
+                                "mean_length"}, "after": {...}},
+         "kl": {"mean": nats, "std": nats}}   # per-response KL(tuned || reference)
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DetoxError(f"Run folder {str(run_dir)!r} does not exist. Pass the output_dir "
+                         "of a training run, e.g. detoxrl report runs/detoxrl.")
+    sections = [_config_section(run_dir), _curves_section(run_dir),
+                _toxicity_section(run_dir), _summary_section(run_dir),
+                _comparison_section(run_dir)]
+    out = Path(out_path) if out_path is not None else run_dir / "report.html"
+    return atomic_write_text(out, _page(f"detoxrl report: {run_dir.resolve().name}", sections))
+
+
+# --------------------------------------------------------------------------- page parts
+
+def _page(title: str, sections: list[str]) -> str:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n{_EXTRA_CSS}\n</style>\n"
+            f"</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+            f'<p class="note">Generated {stamp}.</p>\n' + "\n".join(sections)
+            + "\n</body>\n</html>\n")
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section>\n<h2>{html.escape(title)}</h2>\n{body}\n</section>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _png(fig) -> str:
+    """The figure as an inline ``<img>``; no metadata, so no URL hides in the PNG either."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # render headless on Agg, whatever pyplot's backend is
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a" if value is None else html.escape(str(value))
+    return "n/a" if isinstance(value, float) and not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- sections
+
+def _config_section(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return _section("Configuration", _note("No config.yaml in the run folder."))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return _section("Configuration", f"<pre>{html.escape(text)}</pre>")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl``; blank or broken lines (a crash) are skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Steps and finite values of ``key``; a row without a usable ``step`` uses its index."""
+    points = [(row["step"] if _is_number(row.get("step")) else i, row[key])
+              for i, row in enumerate(rows) if _is_number(row.get(key))]
+    return [float(s) for s, _ in points], [float(v) for _, v in points]
+
+
+def _curves_section(run_dir: Path) -> str:
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    curves = [(key, title, *_series(rows, key)) for key, title in CURVES]
+    missing = [c[0] for c in curves if not c[2]]
+    curves = [c for c in curves if c[2]]
+    if not curves:
+        return _section("Training curves", _note(
+            "No training metrics found (metrics.jsonl missing, empty or without "
+            + ", ".join(k for k, _ in CURVES) + ")."))
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(3, len(curves))
+    n_rows = math.ceil(len(curves) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * n_rows), layout="constrained")
+    for i, (_, title, steps, values) in enumerate(curves):
+        ax = fig.add_subplot(n_rows, cols, i + 1)
+        ax.plot(steps, values, marker="." if len(values) < 50 else None)
+        ax.set(title=title, xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    note = _note("Not logged: " + ", ".join(missing) + ".") if missing else ""
+    return _section("Training curves", _png(fig) + note)
+
+
+def _toxicity_section(run_dir: Path) -> str:
+    data = _read_json(run_dir / "eval" / "toxicity.json")
+    if not isinstance(data, dict) or not any(data.get(k) for k in ("before", "after")):
+        return _section("Toxicity", _note("No eval/toxicity.json with before/after scores."))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    bins = [i / 20 for i in range(21)]
+    for name, color in (("before", "tab:red"), ("after", "tab:green")):
+        values = [v for v in data.get(name) or [] if _is_number(v)]
+        if values:
+            ax.hist(values, bins=bins, alpha=0.5, color=color,
+                    label=f"{name} (n={len(values)}, mean={sum(values) / len(values):.3f})")
+    ax.set(xlabel="toxicity (probability of the toxic label)", ylabel="responses", xlim=(0, 1))
+    ax.legend()
+    return _section("Toxicity", _png(fig))
+
+
+def _summary_section(run_dir: Path) -> str:
+    summary = _read_json(run_dir / "eval" / "summary.json")
+    if not isinstance(summary, dict):
+        return _section("Evaluation", _note("No readable eval/summary.json."))
+    try:
+        body = _summary_html(summary)
+    except (AttributeError, KeyError, TypeError):  # a schema this version does not know
+        body = (_note("summary.json has an unexpected layout; shown as is.")
+                + f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>")
+    return _section("Evaluation", body)
+
+
+def _summary_html(summary: dict[str, Any]) -> str:
+    conf = summary.get("confidence", 0.95)
+    header = (f"<p>{_fmt(summary.get('n'))} prompts; {_fmt(conf * 100, 3)}% paired bootstrap "
+              f"intervals ({_fmt(summary.get('n_resamples'))} resamples) of after − before. "
+              f"Toxic label: {_fmt(summary.get('toxic_label'))}.</p>")
+    parts = [header, _metrics_table(summary.get("metrics") or {})]
+    if summary.get("quality"):
+        parts.append(_quality_table(summary["quality"]))
+    if summary.get("kl"):
+        kl = summary["kl"]
+        parts.append(f"<p>KL(tuned ‖ reference) per response: mean {_fmt(kl.get('mean'))}, "
+                     f"std {_fmt(kl.get('std'))} nats.</p>")
+    return "\n".join(parts)
+
+
+def _interval(boot: dict[str, Any]) -> str:
+    verdict = str(boot.get("verdict", ""))
+    css = {"improved": ' class="improved"', "worse": ' class="worse"'}.get(verdict, "")
+    return (f"{_fmt(boot.get('observed'))} [{_fmt(boot.get('ci_low'))}, "
+            f"{_fmt(boot.get('ci_high'))}] <span{css}>{html.escape(verdict)}</span>")
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    head = ("<tr><th>metric</th><th>before mean ± std</th><th>after mean ± std</th>"
+            "<th>Δ mean [CI]</th><th>Δ std [CI]</th><th>% improvement (mean / std)</th>"
+            "<th>share &gt; 0.5 (before → after)</th></tr>")
+    rows = []
+    for name, m in metrics.items():
+        b, a, boot = m.get("before", {}), m.get("after", {}), m.get("bootstrap", {})
+        pct = m.get("percent_improvement", {})
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>"
+            f"<td>{_fmt(b.get('mean'))} ± {_fmt(b.get('std'))}</td>"
+            f"<td>{_fmt(a.get('mean'))} ± {_fmt(a.get('std'))}</td>"
+            f"<td>{_interval(boot.get('mean', {}))}</td><td>{_interval(boot.get('std', {}))}</td>"
+            f"<td>{_fmt(pct.get('mean'), 3)}% / {_fmt(pct.get('std'), 3)}%</td>"
+            f"<td>{_fmt(b.get('share_above_0_5'))} → {_fmt(a.get('share_above_0_5'))}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _quality_table(quality: dict[str, Any]) -> str:
+    before, after = quality.get("before", {}), quality.get("after", {})
+    keys = [k for k in QUALITY_KEYS if k in before or k in after]
+    keys += sorted((set(before) | set(after)) - set(keys))
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(before.get(k))}</td>"
+                   f"<td>{_fmt(after.get(k))}</td></tr>" for k in keys)
+    return ("<h3>Quality</h3><table><tr><th>measure</th><th>before</th><th>after</th></tr>"
+            f"{rows}</table>")
+
+
+def _comparison_section(run_dir: Path) -> str:
+    paths = [run_dir / "eval" / name for name in ("compare.csv", "compare.json")]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return _section("Responses before and after", _note("No eval/compare.csv."))
+    try:
+        rows = read_rows(path)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        return _section("Responses before and after", _note(f"Cannot read {path.name}: {exc}"))
+    note = _note(f"{len(rows)} prompts, sorted by reward_diff (after − before), best first.")
+    if len(rows) > MAX_COMPARISON_ROWS:
+        half = MAX_COMPARISON_ROWS // 2
+        note = _note(f"The {half} largest and {half} smallest reward gains of {len(rows)} "
+                     f"prompts; all rows are in {path.name}.")
+        rows = rows[:half] + rows[-half:]
+    return _section("Responses before and after", note + html_table(rows))
