@@ -7,6 +7,7 @@ arithmetic is computed and checked once, by :meth:`TrainConfig.finalize`, right 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -19,6 +20,11 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+
+
+def derived(default: int, help: str) -> Any:
+    """A field computed by ``TrainConfig.finalize``; never read from YAML or the CLI."""
+    return field(default=default, metadata={"help": "Derived: " + help, "derived": True})
 
 
 def option(default: Any, help: str, **kw) -> Any:
@@ -134,11 +140,11 @@ class PPOConfig:
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses that "
                                            "end without EOS.")
     # Derived by finalize(); not set by users.
-    world_size: int = field(default=1, metadata={"help": "Derived: number of processes."})
-    local_batch_size: int = field(default=0, metadata={"help": "Derived: rollouts per process."})
-    local_mini_batch_size: int = field(default=0, metadata={"help": "Derived: per process."})
-    micro_batch_size: int = field(default=0, metadata={"help": "Derived: per forward pass."})
-    num_mini_batches: int = field(default=0, metadata={"help": "Derived: per PPO epoch."})
+    world_size: int = derived(1, "number of processes.")
+    local_batch_size: int = derived(0, "rollouts per process.")
+    local_mini_batch_size: int = derived(0, "per process.")
+    micro_batch_size: int = derived(0, "per forward pass.")
+    num_mini_batches: int = derived(0, "per PPO epoch.")
 
 
 @dataclass
@@ -249,7 +255,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             key, text = arg.split("=", 1)
         else:
             raise ConfigError(f"Cannot read option {arg!r}; write --section.name value.")
-        pairs.append((key.replace("-", "_"), yaml.safe_load(text) if text else ""))
+        # Kept as text: _coerce parses it against the option's type, so a template such as
+        # "Summary: {x}" stays a string instead of becoming a YAML mapping.
+        pairs.append((key.replace("-", "_"), _Text(text)))
         i += 1
     return pairs
 
@@ -266,7 +274,10 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, checking names and coercing types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # Derived fields (per-process batch sizes) are recomputed by finalize(); a saved
+    # config.yaml holds them, so they are accepted and dropped rather than refused.
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
+    raw = {k: v for k, v in raw.items() if k in fields or not _is_derived(cls, k)}
     hints = typing.get_type_hints(cls)
     unknown = set(raw) - set(fields)
     if unknown:
@@ -285,27 +296,56 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _Text(str):
+    """A command-line value, still unparsed."""
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (str, int, float, bool, list[...], optional), or ConfigError."""
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
+        if type(None) in args and _is_null(value):
             return None
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin is list:
+    if isinstance(value, _Text) and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"Option {key!r}: cannot read {str(value)!r}.") from None
+    if typing.get_origin(hint) is list:
         items = value if isinstance(value, list) else str(value).split(",")
         return [_coerce(v, args[0], key) for v in items]
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, (int, float)):
+    converted = _scalar(value, hint)
+    if converted is None:
+        raise ConfigError(f"Option {key!r} must be {getattr(hint, '__name__', hint)}, "
+                          f"got {value!r}.")
+    return converted
+
+
+def _is_derived(cls: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get("derived") for f in dataclasses.fields(cls))
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, _Text) and value.lower() in ("null", "none", "~"))
+
+
+def _scalar(value: Any, hint: type) -> Any:
+    """``value`` converted to ``hint`` where that is lossless, else None."""
+    if isinstance(value, bool):
+        return value if hint is bool else None
+    if hint is str and isinstance(value, (str, int, float)):
         return str(value)
-    raise ConfigError(f"Option {key!r} must be {getattr(hint, '__name__', hint)}, "
-                      f"got {value!r}.")
+    if hint is int and isinstance(value, int):
+        return value
+    if hint is float and isinstance(value, (int, float)):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-3" (no dot) as a string.
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -320,7 +360,7 @@ def help_table(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             rows += help_table(hints[f.name], prefix + f.name + ".")
-        elif not f.metadata.get("help", "").startswith("Derived"):
+        elif not f.metadata.get("derived"):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
     return rows
