@@ -211,7 +211,8 @@ def _summary_html(summary: dict[str, Any]) -> str:
     header = (f"<p>{_fmt(summary.get('n'))} prompts; {_fmt(conf * 100, 3)}% paired bootstrap "
               f"intervals ({_fmt(summary.get('n_resamples'))} resamples) of after − before. "
               f"Toxic label: {_fmt(summary.get('toxic_label'))}.</p>")
-    parts = [header, _metrics_table(summary.get("metrics") or {})]
+    parts = [header, _settings_html(summary.get("settings")),
+             _metrics_table(summary.get("metrics") or {})]
     if summary.get("quality"):
         parts.append(_quality_table(summary["quality"]))
     if summary.get("kl"):
@@ -219,6 +220,18 @@ def _summary_html(summary: dict[str, Any]) -> str:
         parts.append(f"<p>KL(tuned ‖ reference) per response: mean {_fmt(kl.get('mean'))}, "
                      f"std {_fmt(kl.get('std'))} nats.</p>")
     return "\n".join(parts)
+
+
+def _settings_html(settings: Any) -> str:
+    """How the responses were made (``detoxrl evaluate`` records it), in one line."""
+    if not isinstance(settings, dict):
+        return ""
+    reward = settings.get("reward") if isinstance(settings.get("reward"), dict) else {}
+    judge = f"; judge {_fmt(settings['judge'])}" if settings.get("judge") else ""
+    return (f"<p>Test prompts, {_fmt(settings.get('decoding'))} decoding, at most "
+            f"{_fmt(settings.get('max_new_tokens'))} new tokens, seed {_fmt(settings.get('seed'))}"
+            f", batch size {_fmt(settings.get('batch_size'))}; toxicity by "
+            f"{_fmt(reward.get('model'))} on the {_fmt(settings.get('score_on'))}{judge}.</p>")
 
 
 def _interval(boot: dict[str, Any]) -> str:
@@ -236,13 +249,19 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     for name, m in metrics.items():
         b, a, boot = m.get("before", {}), m.get("after", {}), m.get("bootstrap", {})
         pct = m.get("percent_improvement", {})
+        # Both last columns assume a toxicity-like probability (lower is better); for a
+        # reward logit they would mislead, so they are left empty.
+        toxic_like = m.get("lower_is_better", True)
+        pct_cell = (f"{_fmt(pct.get('mean'), 3)}% / {_fmt(pct.get('std'), 3)}%" if toxic_like
+                    else "–")
+        share_cell = (f"{_fmt(b.get('share_above_0_5'))} → {_fmt(a.get('share_above_0_5'))}"
+                      if toxic_like else "–")
         rows.append(
             f"<tr><td>{html.escape(name)}</td>"
             f"<td>{_fmt(b.get('mean'))} ± {_fmt(b.get('std'))}</td>"
             f"<td>{_fmt(a.get('mean'))} ± {_fmt(a.get('std'))}</td>"
             f"<td>{_interval(boot.get('mean', {}))}</td><td>{_interval(boot.get('std', {}))}</td>"
-            f"<td>{_fmt(pct.get('mean'), 3)}% / {_fmt(pct.get('std'), 3)}%</td>"
-            f"<td>{_fmt(b.get('share_above_0_5'))} → {_fmt(a.get('share_above_0_5'))}</td></tr>")
+            f"<td>{pct_cell}</td><td>{share_cell}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

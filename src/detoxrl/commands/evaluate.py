@@ -1,0 +1,226 @@
+"""``detoxrl evaluate``: toxicity, reward, quality and KL of a trained adapter vs its reference.
+
+The work is done by :mod:`detoxrl.evaluation.runner`; this module parses the command line
+and prints the result as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from typing import Any
+
+SCORE_ON = ("response", "query+response")
+
+
+def count(text: str) -> int | None:
+    """``--n``: a positive number, or ``all`` (``None``) for the whole test split."""
+    if text.lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+RUN_DIR_HELP = ("RUN_DIR is a training run folder: its config.yaml and trained adapter are "
+                "used.")
+
+
+def paragraphs(*texts: str) -> str:
+    """Help text wrapped by hand (the raw formatter keeps the epilog's example lines)."""
+    return "\n\n".join(textwrap.fill(t, 88) for t in texts)
+
+
+def usage(command: str) -> str:
+    return (f"detoxrl {command} RUN_DIR [options] [--section.key VALUE ...]\n"
+            f"       detoxrl {command} --config YAML --adapter PATH [options] "
+            "[--section.key VALUE ...]")
+
+
+def split_run_dir(extra: list[str]) -> tuple[str | None, list[str]]:
+    """(RUN_DIR, dotted overrides) from the arguments argparse did not know.
+
+    RUN_DIR is not an argparse positional: one would swallow the value of an override
+    given before it (``--reward.model DIR RUN_DIR``).
+    """
+    from ..errors import ConfigError
+
+    run_dirs, overrides, i = [], [], 0
+    while i < len(extra):
+        token = extra[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(extra):
+            overrides += extra[i:i + 2]
+            i += 2
+            continue
+        (overrides if token.startswith("--") or "=" in token else run_dirs).append(token)
+        i += 1
+    if len(run_dirs) > 1:
+        raise ConfigError(f"Expected one RUN_DIR, got {len(run_dirs)}: "
+                          + ", ".join(repr(r) for r in run_dirs) + ".")
+    return (run_dirs[0] if run_dirs else None), overrides
+
+
+def add_common_arguments(p: argparse.ArgumentParser, n_default: int) -> None:
+    """Options shared by ``evaluate`` and ``compare`` (same meaning, same generations)."""
+    p.add_argument("--config", metavar="YAML", help="Run config, for an adapter trained "
+                   "elsewhere (with --adapter; instead of RUN_DIR).")
+    p.add_argument("--adapter", metavar="PATH", help="Trained adapter folder (default: "
+                   "RUN_DIR), e.g. RUN_DIR/checkpoints/step-10/adapter.")
+    p.add_argument("--n", type=count, default=n_default, metavar="N",
+                   help=f"Test prompts to use, or 'all' (default {n_default}).")
+    p.add_argument("--seed", type=int, default=None, help="Sampling seed (default: the "
+                   "run's seed); batch b is generated after torch.manual_seed(seed + b).")
+    p.add_argument("--greedy", action="store_true", help="Greedy decoding instead of the "
+                   "run's sampling settings (generation.*).")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="T", help="Response "
+                   "length limit (default: generation.max_new_tokens_draw, at most 100).")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="Prompts per generate call (default 16). Results depend on it.")
+    p.add_argument("--output", metavar="DIR", help="Where results go (default: RUN_DIR/eval, "
+                   "or ADAPTER/eval with --adapter); the report beside it is rebuilt when "
+                   "the folder is named eval.")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if "
+                   "available).")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` subcommand to the ``detoxrl`` parser."""
+    p = subparsers.add_parser(
+        "evaluate", help="Measure toxicity before/after training on held-out prompts.",
+        usage=usage("evaluate"),
+        description=paragraphs(
+            "Generate responses to test prompts with the reference (starting) policy and with "
+            "the trained adapter (same prompts, same seeds), score their toxicity, reward and "
+            "quality, and report paired bootstrap confidence intervals. Writes summary.json, "
+            "toxicity.json and generations.jsonl, then rebuilds report.html.", RUN_DIR_HELP),
+        epilog="Run options are overridden with dotted keys, e.g.\n"
+        "  detoxrl evaluate runs/detoxrl --n all --reward.model ./roberta-hate-speech-"
+        "dynabench-r4-target\n  detoxrl evaluate runs/detoxrl --greedy --judge "
+        "./toxic-classifier --judge-label toxic",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # a dotted override is never taken for a short option
+    add_common_arguments(p, n_default=500)
+    p.add_argument("--score-on", choices=SCORE_ON, default="response",
+                   help="Toxicity of the response alone (default) or of query + response.")
+    p.add_argument("--toxic-label", default="hate", metavar="LABEL",
+                   help="The reward classifier's toxic label (default hate).")
+    p.add_argument("--judge", metavar="MODEL", help="A second classifier (Hub id or folder) "
+                   "scoring toxicity independently of the reward, to catch reward hacking.")
+    p.add_argument("--judge-label", default="hate", metavar="LABEL",
+                   help="The judge's toxic label (default hate).")
+    p.add_argument("--bootstrap", type=int, default=10_000, metavar="R",
+                   help="Bootstrap resamples (default 10000).")
+    p.set_defaults(func=run, accepts_overrides=True)
+    return p
+
+
+def options(args: argparse.Namespace):
+    """The runner's EvalOptions from parsed arguments."""
+    from ..evaluation.runner import EvalOptions
+
+    return EvalOptions(
+        n=args.n, seed=args.seed, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, score_on=getattr(args, "score_on", "response"),
+        toxic_label=getattr(args, "toxic_label", "hate"), judge=getattr(args, "judge", None),
+        judge_label=getattr(args, "judge_label", "hate"),
+        n_resamples=getattr(args, "bootstrap", 10_000), device=args.device,
+        progress=not args.quiet)
+
+
+def target(args: argparse.Namespace):
+    from ..evaluation.runner import resolve_target
+
+    run_dir, overrides = split_run_dir(args.overrides)
+    return resolve_target(run_dir, args.config, args.adapter, overrides, args.output)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.runner import evaluate, rebuild_report
+
+    tgt = target(args)
+    summary = evaluate(tgt, options(args))
+    print(format_summary(summary))
+    print(f"\nresults: {tgt.out_dir}/summary.json, toxicity.json, generations.jsonl")
+    report = rebuild_report(tgt.out_dir)
+    if report is not None:
+        print(f"report: {report}")
+    return 0
+
+
+# --------------------------------------------------------------------------- printing
+
+_ROWS = (("mean", "mean"), ("std", "std"), ("median", "median"),
+         ("share > 0.5", "share_above_0_5"), ("max", "max"))
+
+
+def _num(value: Any, signed: bool = False) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _pct(before: Any, after: Any) -> str:
+    """The tutorial's (before - after) / before, in percent (positive: less toxic)."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
+        return "n/a"
+    return "n/a" if before == 0 else f"{(before - after) / before * 100:+.2f}%"
+
+
+def metric_lines(name: str, metric: dict[str, Any], confidence: float) -> list[str]:
+    """One metric as a before → after table with changes and bootstrap intervals."""
+    b, a, boot = metric["before"], metric["after"], metric.get("bootstrap", {})
+    ci_head = f"{confidence * 100:g}% CI of change"
+    lines = [f"{name:<13}{'before':>9}{'after':>10}{'change':>10}{'% improv.':>11}   {ci_head}"]
+    for label, key in _ROWS:
+        if key == "share_above_0_5" and not metric["lower_is_better"]:
+            continue  # a share of rewards above 0.5 means nothing for logits
+        ci = boot.get(key)
+        interval = (f"[{_num(ci['ci_low'], True)}, {_num(ci['ci_high'], True)}]"
+                    if ci else "")
+        pct = _pct(b[key], a[key]) if metric["lower_is_better"] else ""
+        change = a[key] - b[key] if all(
+            isinstance(v, (int, float)) for v in (a[key], b[key])) else None
+        lines.append(f"  {label:<11}{_num(b[key]):>9}{_num(a[key]):>10}"
+                     f"{_num(change, True):>10}{pct:>11}   {interval}")
+    verdict = boot.get("mean", {}).get("verdict", "n/a")
+    lines.append(f"  verdict: {verdict} (mean {name}, paired bootstrap over "
+                 f"{b.get('n', '?')} prompts)")
+    return lines
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The printed evaluation: toxicity, reward, judge, quality and KL."""
+    s = summary.get("settings", {})
+    conf = summary.get("confidence", 0.95)
+    head = (f"Evaluated {summary['n']} test prompts: reference (before) vs trained adapter "
+            f"(after); {s.get('decoding', '?')}, max {s.get('max_new_tokens', '?')} new tokens, "
+            f"seed {s.get('seed', '?')}.")
+    reward = s.get("reward", {})
+    lines = [head, f"toxicity = P({summary.get('toxic_label')}) by {reward.get('model')} on "
+             f"the {s.get('score_on', 'response')}; reward = {reward.get('output')} of "
+             f"{reward.get('label')!r} on the {reward.get('score_on')}.", ""]
+    names = {"toxicity": "toxicity", "reward": "reward", "judge_toxicity": "judge toxicity"}
+    for key, metric in summary.get("metrics", {}).items():
+        lines += [*metric_lines(names.get(key, key), metric, conf), ""]
+    lines += quality_lines(summary)
+    return "\n".join(lines).rstrip()
+
+
+def quality_lines(summary: dict[str, Any]) -> list[str]:
+    quality = summary.get("quality") or {}
+    before, after = quality.get("before", {}), quality.get("after", {})
+    lines = [f"{'quality':<13}{'before':>9}{'after':>10}"] if before or after else []
+    for key in ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "mean_length"):
+        if key in before or key in after:
+            lines.append(f"  {key:<11}{_num(before.get(key)):>9}{_num(after.get(key)):>10}")
+    kl = summary.get("kl")
+    if kl:
+        lines.append(f"KL(trained ‖ reference) per response: mean {_num(kl.get('mean'))}, "
+                     f"std {_num(kl.get('std'))} nats")
+    return lines
