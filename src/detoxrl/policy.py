@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import rl_math
 from .batch import Rollout
 from .config import LoraSettings, ModelConfig, SamplingConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 from .generation import response_mask
 from .loading import freeze_dropout, load_config, load_pretrained, load_tokenizer, resolve_dtype
 
@@ -99,11 +99,13 @@ class Policy(nn.Module):
                                                       config.is_encoder_decoder,
                                                       lora or LoraSettings()))
         else:
-            model = PeftModel.from_pretrained(base, _resolve_adapter(start),
-                                              is_trainable=trainable)
+            with _adapter_errors(start):
+                model = PeftModel.from_pretrained(base, _resolve_adapter(start),
+                                                  is_trainable=trainable)
         if adapter is not None:
-            model.load_adapter(_resolve_adapter(adapter), adapter_name="reference",
-                               is_trainable=False)
+            with _adapter_errors(adapter):
+                model.load_adapter(_resolve_adapter(adapter), adapter_name="reference",
+                                   is_trainable=False)
             model.set_adapter("default")
         if not trainable:
             model.requires_grad_(False)
@@ -131,16 +133,28 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ reference
     @contextmanager
     def reference(self):
-        """Within this block the network computes the reference policy (the starting one)."""
-        if self.has_reference_adapter:
-            self.model.set_adapter("reference")
-            try:
-                yield self
-            finally:
-                self.model.set_adapter("default")   # also restores requires_grad on "default"
-        else:
-            with self.model.disable_adapter():
-                yield self
+        """Within this block the network computes the reference policy (the starting one).
+
+        The reference is frozen inside the block and every ``requires_grad`` flag is put back
+        on exit: peft's adapter switches reset them (``set_adapter`` makes the adapter it
+        activates trainable, and re-enabling adapters makes "default" trainable), which would
+        otherwise unfreeze a policy built with ``trainable=False``.
+        """
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            if self.has_reference_adapter:
+                self.model.set_adapter("reference")
+                try:
+                    self.model.requires_grad_(False)
+                    yield self
+                finally:
+                    self.model.set_adapter("default")
+            else:
+                with self.model.disable_adapter():
+                    yield self
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     # ------------------------------------------------------------------ forward
     def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
@@ -247,12 +261,26 @@ class Policy(nn.Module):
             self.value_head.load_state_dict(load_file(head))
 
 
+_ADAPTER_HINT = ("pass a folder written by save_pretrained (adapter_config.json + "
+                 "adapter_model.safetensors) or a Hub id of the form owner/name.")
+
+
 def _resolve_adapter(path: str) -> str:
-    if Path(path).exists() or "/" in path:
+    """``path`` if it may be an adapter; a local-looking path that is missing is an error."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if Path(path).exists() or not looks_local:
         return path
-    raise ConfigError(f"LoRA adapter {path!r} not found: pass a folder written by "
-                      "save_pretrained (adapter_config.json + adapter_model.safetensors) or a "
-                      "Hub id of the form owner/name.")
+    raise ConfigError(f"LoRA adapter {path!r} not found: {_ADAPTER_HINT}")
+
+
+@contextmanager
+def _adapter_errors(path: str):
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the LoRA adapter {path!r}: {_ADAPTER_HINT} If "
+                             "it is a Hub id, the Hub may be unreachable; download it and pass "
+                             f"the folder. ({type(exc).__name__}: {exc})") from None
 
 
 def _ensure_pad_token(tokenizer, model) -> None:
