@@ -41,6 +41,13 @@ def all_finite(accelerator, *tensors: Tensor) -> bool:
     return int(global_sum(accelerator, torch.tensor(bad, device=device))) == 0
 
 
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage the run was launched with; 0 without DeepSpeed."""
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage or 0) if plugin is not None else 0
+
+
 def gather_list(accelerator, items: list) -> list:
     """Concatenate a Python list over ranks (rank order)."""
     if accelerator is None or accelerator.num_processes == 1:

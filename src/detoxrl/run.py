@@ -17,15 +17,18 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, tiny
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
+from .distributed import zero_stage
 from .errors import ConfigError
 from .io import atomic_write_json, atomic_write_text
 from .trainer import PPOTrainer, RewardFn
@@ -49,9 +52,14 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = Fa
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.log_with or None,
                               project_dir=cfg.output_dir)
+    _check_launch(accelerator)
     cfg.finalize(accelerator.num_processes)
     out = Path(cfg.output_dir)
     start = _check_output_dir(out, resume, overwrite, accelerator)
+    _setup_deepspeed(cfg, accelerator, resume)
+    with accelerator.local_main_process_first():  # tiny: names are built once per machine
+        for name in (cfg.model.name_or_path, cfg.data.path, cfg.reward.model):
+            tiny.resolve(name)
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
     policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
     if accelerator.is_main_process and not quiet:
@@ -60,7 +68,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = Fa
     if reward_fn is None:
         from .reward import ClassifierReward
 
-        reward_fn = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
+        with _whole_weights(accelerator):  # no engine wraps the classifier: never shard it
+            reward_fn = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
     scheduler = _scheduler(cfg, optimizer)
@@ -77,8 +86,9 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = Fa
     if cfg.log_with:
         accelerator.init_trackers("detoxrl", config=_flat(to_dict(cfg)))
     metrics = _loop(cfg, trainer, prompts, first_step, accelerator, quiet)
-    if accelerator.is_main_process:
-        _save_final(out, trainer.policy)
+    with _gathered_trainable(accelerator, trainer.policy):  # ZeRO-3: every rank must enter
+        if accelerator.is_main_process:
+            _save_final(out, trainer.policy)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(out, metrics, trainer)
@@ -152,6 +162,26 @@ def _checkpoint(out: Path, step: int, trainer: PPOTrainer, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
+def _check_launch(accelerator) -> None:
+    """Refuse N launched processes that each think they are alone (and would all be rank 0)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but they did "
+            "not join one process group: each would train alone and all would write the same "
+            "run folder. On a machine without GPUs, launch with ACCELERATE_USE_CPU=true "
+            "accelerate launch --multi_gpu --num_processes N -m detoxrl train ... (see "
+            "docs/scaling.md).")
+    if (accelerator.num_processes == 1 and "MASTER_PORT" in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        # accelerate's simple launcher sets MASTER_* only when asked for more than one
+        # process, yet starts one (it spawns several only under mpirun).
+        warnings.warn("accelerate launch --cpu --num_processes N started ONE process; this "
+                      "run trains on 1 process. For N CPU processes use ACCELERATE_USE_CPU=true "
+                      "accelerate launch --multi_gpu --num_processes N (docs/scaling.md).",
+                      stacklevel=2)
+
+
 def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
     """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
     if resume:
@@ -160,6 +190,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> 
             raise ConfigError(f"Nothing to resume in {str(out)!r}: it holds no checkpoints/"
                               "step-N folder. Set save_every to write checkpoints, or start "
                               "without --resume.")
+        _check_world_size(out, accelerator.num_processes)
         return found[-1]
     if (out / "metrics.jsonl").exists() and not overwrite:
         raise ConfigError(f"{str(out)!r} already holds a run. Pass --resume to continue it, "
@@ -170,6 +201,76 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> 
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return None
+
+
+def recorded_world_size(out: Path) -> int | None:
+    """The number of processes a run folder was trained on (run_info.json, else config.yaml)."""
+    info, config = out / "run_info.json", out / "config.yaml"
+    if info.exists():
+        return int(json.loads(info.read_text()).get("world_size", 1))
+    if config.exists():
+        return int((yaml.safe_load(config.read_text()) or {}).get("ppo", {}).get("world_size", 1))
+    return None
+
+
+def _check_world_size(out: Path, world_size: int) -> None:
+    # Each rank's data shard and sampling seed depend on (rank, world size), and the optimizer
+    # state assumes the same per-rank batch: a different world size is a different run.
+    recorded = recorded_world_size(out)
+    if recorded is not None and recorded != world_size:
+        raise ConfigError(
+            f"{str(out)!r} was trained on {recorded} process(es) but this launch has "
+            f"{world_size}. Resume with the same number of processes (accelerate launch "
+            f"--num_processes {recorded} ...), or start a new run in another --output-dir.")
+
+
+def _setup_deepspeed(cfg: TrainConfig, accelerator, resume: bool) -> None:
+    """Fill the DeepSpeed batch sizes ``prepare`` needs; refuse what is not supported yet."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    p, ds = cfg.ppo, plugin.deepspeed_config
+    if p.gradient_accumulation_steps != 1 or ds.get("gradient_accumulation_steps") not in (
+            1, "auto", None):
+        # accelerator.backward runs engine.step() after every backward (we never clear
+        # sync_gradients), so accumulation would step on every micro-batch.
+        raise ConfigError("Under DeepSpeed use ppo.gradient_accumulation_steps: 1 and "
+                          "gradient_accumulation_steps: 1 in the accelerate config; raise "
+                          "ppo.mini_batch_size instead (it is split over the processes).")
+    if cfg.save_every or resume:
+        # The optimizer state is partitioned over ranks and only rank 0 writes checkpoints.
+        raise ConfigError("Checkpoints and --resume are not supported under DeepSpeed yet: "
+                          "set save_every: 0, or train with DDP (configs/accelerate/"
+                          "ddp-multi-gpu.yaml).")
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = p.micro_batch_size  # no dataloader to read it
+
+
+@contextmanager
+def _whole_weights(accelerator):
+    """Load models unsharded while the ZeRO-3 config is active (accelerate makes every
+    ``from_pretrained`` after ``Accelerator()`` use ``zero.Init``, whatever zero3_init_flag
+    says); for models that no DeepSpeed engine will wrap."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def _gathered_trainable(accelerator, policy):
+    """Under ZeRO-3, the full LoRA and value-head weights on every rank (a collective)."""
+    if zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+
+    params = [q for q in policy.parameters() if q.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, accelerator, first_step: int) -> None:

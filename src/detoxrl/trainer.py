@@ -89,8 +89,10 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(step_seed)
         limits = draw_lengths(len(queries), g.min_new_tokens_draw, g.max_new_tokens_draw, gen)
         device = self.accelerator.device
+        # ZeRO-3 shards the weights: every forward is a collective, so a rank whose responses
+        # end early must keep stepping until all ranks are done (synced_gpus).
         return self.policy.generate(query_ids.to(device), query_mask.to(device), g, limits,
-                                    queries)
+                                    queries, synced_gpus=dist.zero_stage(self.accelerator) == 3)
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
@@ -277,10 +279,8 @@ def _pad_right(x: Tensor, pad: int) -> Tensor:
 
 
 def _scheduler_state(scheduler) -> dict | None:
-    if scheduler is None:
-        return None
-    # LambdaLR keeps its lambdas (functions) in the state; they are rebuilt from the config.
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    # LambdaLR stores only the lambdas' attributes (plain data), so this is JSON-able.
+    return None if scheduler is None else scheduler.state_dict()
 
 
 class _PhaseTimer:

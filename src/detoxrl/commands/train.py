@@ -37,7 +37,7 @@ def run(args) -> int:
     from ..run import train
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    if result.metrics and not args.quiet:
+    if result.metrics and not args.quiet and result.trainer.accelerator.is_main_process:
         last = result.metrics[-1]
         print(f"done: {len(result.metrics)} steps, last reward mean "
               f"{last.get('env/reward_mean', float('nan')):.4f}, KL "

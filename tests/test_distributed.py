@@ -1,0 +1,358 @@
+"""Two CPU processes (gloo) with ``accelerate launch``: the multi-process contract of a run.
+
+Three launches of the tiny preset (small batches, short responses, 2 PPO epochs, gradient
+accumulation so that DDP ``no_sync`` is exercised, score normalisation and reward whitening
+on so that their global statistics are exercised):
+
+* A: 3 steps, uninterrupted;
+* B: 2 steps with ``save_every=1`` (a checkpoint after step 1), then C: ``--resume`` to 3.
+
+Then: both ranks hold bitwise-identical adapters, value heads, KL controllers and score
+moments; ``metrics.jsonl`` holds one line per step with statistics over both ranks' rollouts
+(each rank's scores are dumped and compared); the resumed run ends bitwise where A ends; and
+resuming on a different number of processes is refused.
+
+Each rank dumps its own state through a test-only ``sitecustomize.py`` that this file writes
+and puts on ``PYTHONPATH`` (nothing in the package is test-specific): it wraps
+``detoxrl.run.train`` and ``PPOTrainer.score`` in the launched processes only.
+
+On CPU, ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's
+simple launcher spawns only under mpirun); ``ACCELERATE_USE_CPU=true`` with ``--multi_gpu``
+starts two through torchrun, which then join a gloo group (see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from detoxrl import run
+from detoxrl.config import TrainConfig
+from detoxrl.errors import ConfigError
+from detoxrl.rl_math import AdaptiveKLController
+from detoxrl.trainer import PPOTrainer
+
+LAUNCH = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not found"),
+    pytest.mark.skipif(not (torch.distributed.is_available()
+                            and torch.distributed.is_gloo_available()),
+                       reason="torch.distributed with gloo is required"),
+]
+
+
+def launches(test):
+    for mark in LAUNCH:
+        test = mark(test)
+    return test
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny.yaml"
+WORLD = 2
+BATCH = 8
+OPTIONS = [  # per rank: 4 rollouts, 2 mini-batches of 2, 2 micro-batches of 1, 2 epochs
+    f"--ppo.batch_size={BATCH}", "--ppo.mini_batch_size=4",
+    "--ppo.gradient_accumulation_steps=2", "--ppo.ppo_epochs=2",
+    "--ppo.normalize_scores=true", "--ppo.whiten_rewards=true",
+    "--generation.min_new_tokens_draw=4", "--generation.max_new_tokens_draw=8",
+    "--generation.min_length=2", "--num_samples_logged=2",
+]
+LAUNCH_TIMEOUT = 240
+
+HOOK = '''\
+"""Test-only (tests/test_distributed.py): every launched rank dumps its own final state."""
+import os
+
+if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
+    def _install():
+        import json
+        from pathlib import Path
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from detoxrl import run, trainer
+
+        out = Path(os.environ["DETOXRL_TEST_DUMP"])
+        steps = []
+        score = trainer.PPOTrainer.score
+
+        def recording_score(self, batch):
+            batch, raw = score(self, batch)
+            steps.append({"queries": list(batch.queries), "scores": raw.tolist()})
+            return batch, raw
+
+        train = run.train
+
+        def dumping_train(*args, **kwargs):
+            result = train(*args, **kwargs)
+            t = result.trainer
+            rank = t.accelerator.process_index
+            tensors = {"adapter." + k: v for k, v in get_peft_model_state_dict(
+                t.policy.model, adapter_name="default").items()}
+            tensors.update({"value_head." + k: v
+                            for k, v in t.policy.value_head.state_dict().items()})
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(out / f"rank{rank}.safetensors"))
+            (out / f"rank{rank}.json").write_text(json.dumps({
+                "rank": rank, "world_size": t.accelerator.num_processes,
+                "kl_coef": t.kl_ctl.value, "score_moments": t.score_moments.state_dict(),
+                "steps": steps}))
+            return result
+
+        trainer.PPOTrainer.score = recording_score
+        run.train = dumping_train
+
+    _install()
+'''
+
+
+def _why(stderr: str) -> str:
+    """The workers' own tracebacks, not just torchrun's summary that follows them."""
+    start = stderr.find("Traceback")
+    return stderr[start:start + 8000] if start >= 0 else stderr[-8000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launcher:
+    def __init__(self, root: Path):
+        self.root = root
+        hook_dir = root / "hook"
+        hook_dir.mkdir()
+        (hook_dir / "sitecustomize.py").write_text(HOOK)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               and not k.startswith("ACCELERATE_")}
+        env.update({
+            "DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(hook_dir), env.get("PYTHONPATH", "")]),
+        })
+        self.env = env
+
+    def train(self, out: Path, steps: int, *extra: str, dump: str | None = None,
+              processes: int = WORLD) -> subprocess.CompletedProcess:
+        args = ["-m", "detoxrl", "train", "--config", str(CONFIG), "--output-dir", str(out),
+                f"--steps={steps}", "--quiet", *OPTIONS, *extra]
+        env = dict(self.env)
+        if dump:
+            env["DETOXRL_TEST_DUMP"] = str(self.root / dump)
+        if processes > 1:
+            env["ACCELERATE_USE_CPU"] = "true"
+            cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), *args]
+        else:
+            cmd = [sys.executable, *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT)
+
+    def train_ok(self, *args, **kwargs) -> None:
+        proc = self.train(*args, **kwargs)
+        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{_why(proc.stderr)}"
+
+    def dump(self, name: str, rank: int) -> tuple[dict, dict]:
+        base = self.root / name
+        return (load_file(base / f"rank{rank}.safetensors"),
+                json.loads((base / f"rank{rank}.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    launcher = Launcher(root)
+    launcher.train_ok(root / "A", 3, "--save_every=0", dump="dump-A")
+    launcher.train_ok(root / "BC", 2, "--save_every=1", dump="dump-B")
+    launcher.train_ok(root / "BC", 3, "--save_every=1", "--resume", dump="dump-C")
+    return launcher
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().numpy().tobytes()
+
+
+def _assert_bitwise_equal(a: dict, b: dict, what: str) -> None:
+    assert sorted(a) == sorted(b), what
+    different = [k for k in a if a[k].dtype != b[k].dtype or _bits(a[k]) != _bits(b[k])]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_weights(run_dir: Path) -> dict:
+    weights = {"adapter." + k: v for k, v in
+               load_file(run_dir / "adapter_model.safetensors").items()}
+    weights.update({"value_head." + k: v for k, v in
+                    load_file(run_dir / "value_head.safetensors").items()})
+    return weights
+
+
+@launches
+def test_ranks_hold_identical_weights(runs):
+    w0, info0 = runs.dump("dump-A", 0)
+    w1, info1 = runs.dump("dump-A", 1)
+    assert (info0["rank"], info1["rank"], info0["world_size"]) == (0, 1, WORLD)
+    _assert_bitwise_equal(w0, w1, "rank 0 vs rank 1 after 3 steps")
+    # ... and they trained: LoRA B starts at zero.
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in w0.items())
+    # The run folder holds rank 0's weights (written once, by the main process).
+    _assert_bitwise_equal(_final_weights(runs.root / "A"), w0, "run folder vs rank 0")
+
+
+@launches
+def test_controllers_and_score_moments_are_global(runs):
+    _, info0 = runs.dump("dump-A", 0)
+    _, info1 = runs.dump("dump-A", 1)
+    assert info0["kl_coef"] == info1["kl_coef"]
+    assert info0["kl_coef"] != 0.1                      # the adaptive controller moved
+    assert info0["score_moments"] == info1["score_moments"]
+    assert info0["score_moments"]["count"] == 3 * BATCH  # every rank saw every score
+    # The last update, redone from the logged global KL and the global batch size.
+    last = _metrics(runs.root / "A")[-1]
+    ctl = AdaptiveKLController(last["objective/kl_coef"], target=1.0, horizon=1000)
+    ctl.update(last["objective/kl"], BATCH)
+    assert ctl.value == info0["kl_coef"]
+
+
+@launches
+def test_metrics_are_written_once_per_step_over_all_ranks(runs):
+    metrics = _metrics(runs.root / "A")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    _, info0 = runs.dump("dump-A", 0)
+    _, info1 = runs.dump("dump-A", 1)
+    differs_from_rank0 = False
+    for m, s0, s1 in zip(metrics, info0["steps"], info1["steps"], strict=True):
+        # Each rank rolled out its own half of the batch.
+        assert len(s0["queries"]) == len(s1["queries"]) == BATCH // WORLD
+        union = s0["scores"] + s1["scores"]
+        mean = sum(union) / len(union)
+        std = math.sqrt(sum((x - mean) ** 2 for x in union) / len(union))
+        assert m["env/reward_mean"] == pytest.approx(mean, rel=1e-5, abs=1e-7)
+        assert m["env/reward_std"] == pytest.approx(std, rel=1e-4, abs=1e-7)
+        rank0_mean = sum(s0["scores"]) / len(s0["scores"])
+        differs_from_rank0 |= abs(rank0_mean - mean) > 1e-6
+    assert differs_from_rank0, "the test cannot tell global from rank-0 statistics"
+    # Disjoint shards over the whole run (the tiny train split has more than 3 x 8 prompts).
+    seen = [q for info in (info0, info1) for s in info["steps"] for q in s["queries"]]
+    assert len(seen) == len(set(seen)) == 3 * BATCH
+    info = json.loads((runs.root / "A" / "run_info.json").read_text())
+    assert info["world_size"] == WORLD
+
+
+@launches
+def test_resume_same_world_size_is_exact(runs):
+    a, bc = runs.root / "A", runs.root / "BC"
+    assert (bc / "checkpoints" / "step-1").is_dir()
+    _assert_bitwise_equal(_final_weights(bc), _final_weights(a), "resumed vs uninterrupted")
+    for rank in range(WORLD):
+        _assert_bitwise_equal(runs.dump("dump-C", rank)[0], runs.dump("dump-A", rank)[0],
+                              f"rank {rank}: resumed vs uninterrupted")
+        assert runs.dump("dump-C", rank)[1]["kl_coef"] == runs.dump("dump-A", rank)[1]["kl_coef"]
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/"))}
+                for r in rows]
+
+    # B's line for step 2 was dropped on resume and written again by C.
+    assert untimed(_metrics(bc)) == untimed(_metrics(a))
+
+
+@launches
+def test_resume_with_another_world_size_is_refused(runs):
+    proc = runs.train(runs.root / "BC", 3, "--save_every=1", "--resume", processes=1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "trained on 2 process(es) but this launch has 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+# DeepSpeed is not installed here (and needs GPUs): these check detoxrl's side with fakes.
+
+def _fake_accelerator(stage: int | None, **ds_config):
+    plugin = None if stage is None else SimpleNamespace(
+        zero_stage=stage, deepspeed_config={"train_micro_batch_size_per_gpu": "auto",
+                                            "gradient_accumulation_steps": 1, **ds_config})
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
+                           device=torch.device("cpu"), unwrap_model=lambda model: model)
+
+
+def test_rollout_generates_with_synced_gpus_only_under_zero3():
+    cfg = TrainConfig().finalize(1)
+    calls = []
+
+    class Policy:
+        def generate(self, *args, synced_gpus=False, **kwargs):
+            calls.append(synced_gpus)
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    for stage in (None, 2, 3):
+        trainer = PPOTrainer(cfg, Policy(), None, _fake_accelerator(stage), optimizer=None)
+        trainer.rollout(ids, ids, ["a", "b"], step_seed=0)
+    assert calls == [False, False, True]
+
+
+def test_deepspeed_setup_fills_the_micro_batch_and_refuses_what_is_unsupported():
+    def cfg(**ppo):
+        c = TrainConfig(save_every=0)
+        c.ppo.batch_size, c.ppo.mini_batch_size = 16, 8
+        for k, v in ppo.items():
+            setattr(c.ppo, k, v)
+        return c.finalize(2)
+
+    acc = _fake_accelerator(2)
+    run._setup_deepspeed(cfg(), acc, resume=False)
+    assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    run._setup_deepspeed(cfg(), _fake_accelerator(None), resume=True)  # DDP: nothing to do
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        run._setup_deepspeed(cfg(gradient_accumulation_steps=2), _fake_accelerator(3), False)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        run._setup_deepspeed(cfg(), _fake_accelerator(2, gradient_accumulation_steps=4), False)
+    with pytest.raises(ConfigError, match="save_every"):
+        run._setup_deepspeed(cfg(), _fake_accelerator(2), resume=True)
+    saving = cfg()
+    saving.save_every = 5
+    with pytest.raises(ConfigError, match="save_every"):
+        run._setup_deepspeed(saving, _fake_accelerator(2), resume=False)
+
+
+def test_reward_model_loads_whole_under_zero3():
+    import transformers.integrations.deepspeed as hf_ds
+
+    class Zero3Config:  # stands in for HfDeepSpeedConfig, which needs deepspeed installed
+        def is_zero3(self):
+            return True
+
+    config = Zero3Config()
+    acc = _fake_accelerator(3)
+    acc.state.deepspeed_plugin.set_deepspeed_weakref = (
+        lambda: setattr(hf_ds, "_hf_deepspeed_config_weak_ref", weakref.ref(config)))
+    acc.state.deepspeed_plugin.set_deepspeed_weakref()
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with run._whole_weights(acc):
+            assert not hf_ds.is_deepspeed_zero3_enabled()  # from_pretrained: no zero.Init
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with run._whole_weights(_fake_accelerator(2)):
+            assert hf_ds.is_deepspeed_zero3_enabled()      # only stage 3 is touched
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
