@@ -1,0 +1,208 @@
+"""The PPO trainer: one step checked by hand, learning on a controlled task, exact resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from detoxrl.batch import Rollout
+from detoxrl.config import load_config
+from detoxrl.run import train
+
+TINY = ["--model.name_or_path", "tiny:t5", "--data.path", "tiny:dialogsum",
+        "--reward.model", "tiny:roberta-hate", "--save_every", "0", "--seed", "0"]
+SHORT = ["--generation.min_new_tokens_draw", "4", "--generation.max_new_tokens_draw", "8",
+         "--generation.min_length", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
+         "--ppo.learning_rate", "1e-3"]
+
+
+def _cfg(tmp_path, *extra: str):
+    return load_config(None, [*TINY, *SHORT, "--output_dir", str(tmp_path), *extra])
+
+
+# --------------------------------------------------------------------------- one step by hand
+
+def _hand_rollout() -> Rollout:
+    # One response of 3 tokens and one of 2 (right-padded), with fixed numbers.
+    return Rollout(
+        query_ids=torch.zeros(2, 1, dtype=torch.long),
+        query_mask=torch.ones(2, 1, dtype=torch.long),
+        response_ids=torch.zeros(2, 3, dtype=torch.long),
+        response_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), queries=["a", "b"],
+        responses=["x", "y"], ended_with_eos=torch.tensor([True, True]),
+        scores=torch.tensor([1.0, -0.5]),
+        logprobs=torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]]),
+        ref_logprobs=torch.tensor([[-1.5, -2.0, -1.0], [-0.8, -1.0, 0.0]]),
+        values=torch.tensor([[0.5, 0.2, -0.1], [0.0, 0.4, 0.0]]),
+    )
+
+
+def test_one_step_matches_hand_computation(tmp_path):
+    """KL, rewards, GAE, returns and both losses of the trainer's steps 4-5, by hand."""
+    from detoxrl.trainer import PPOTrainer
+
+    cfg = _cfg(tmp_path, "--ppo.kl_controller", "fixed", "--ppo.init_kl_coef", "0.1",
+               "--ppo.whiten_advantages", "false", "--ppo.lam", "0.95").finalize()
+    from accelerate import Accelerator
+
+    trainer = PPOTrainer(cfg, torch.nn.Module(), reward_fn=None,
+                         accelerator=Accelerator(cpu=True), optimizer=None)
+    batch, kl = trainer.shape_rewards(_hand_rollout())
+    # k1 KL per token: logp - ref.
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.5], [-0.2, 0.0, 0.0]]))
+    # rewards = -0.1 * kl, plus the score on the last real token.
+    assert torch.allclose(batch.rewards, torch.tensor([[-0.05, 0.0, 0.95], [0.02, -0.5, 0.0]]))
+    batch = trainer.compute_advantages(batch)
+    # Row 0, gamma 1, lam 0.95, bootstrap 0 after the last token:
+    #   d2 = 0.95 - (-0.1) = 1.05                  A2 = 1.05
+    #   d1 = 0 + (-0.1) - 0.2 = -0.3               A1 = -0.3 + 0.95 * 1.05 = 0.6975
+    #   d0 = -0.05 + 0.2 - 0.5 = -0.35             A0 = -0.35 + 0.95 * 0.6975 = 0.312625
+    # Row 1: d1 = -0.5 - 0.4 = -0.9 = A1;  d0 = 0.02 + 0.4 - 0 = 0.42, A0 = 0.42 - 0.855
+    expected_adv = torch.tensor([[0.312625, 0.6975, 1.05], [-0.435, -0.9, 0.0]])
+    assert torch.allclose(batch.advantages, expected_adv, atol=1e-6)
+    assert torch.allclose(batch.returns, expected_adv + batch.values * batch.response_mask,
+                          atol=1e-6)
+
+    from detoxrl import rl_math
+
+    new_logprobs = batch.logprobs + torch.tensor([[0.1, -0.3, 0.0], [0.0, 0.0, 0.0]])
+    loss, stats = rl_math.policy_loss(new_logprobs, batch.logprobs, batch.advantages,
+                                      batch.response_mask, cfg.ppo.cliprange)
+    # ratio e^0.1 = 1.10517 (inside the clip), e^-0.3 = 0.74082 (below 0.8, but with A > 0
+    # the unclipped term is the larger loss, so it is kept); row 1 has ratio 1.
+    per_token = [-0.312625 * math.exp(0.1), -0.6975 * math.exp(-0.3), -1.05, 0.435, 0.9]
+    assert loss.item() == pytest.approx(sum(per_token) / 5, abs=1e-6)
+    assert stats["clipfrac"].item() == 0.0
+    new_values = batch.values + 0.5
+    vloss, _ = rl_math.value_loss(new_values, batch.values, batch.returns,
+                                       batch.response_mask, cfg.ppo.cliprange_value)
+    # The clipped prediction moves only 0.2; the loss keeps the larger squared error per token.
+    ret, old = batch.returns, batch.values
+    errs = []
+    for i, j in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]:
+        unclipped = (old[i, j].item() + 0.5 - ret[i, j].item()) ** 2
+        clipped = (old[i, j].item() + 0.2 - ret[i, j].item()) ** 2
+        errs.append(max(unclipped, clipped))
+    assert vloss.item() == pytest.approx(0.5 * sum(errs) / 5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- it learns
+
+def _token_share(tokenizer, forbidden: set[int], responses: list[str]) -> torch.Tensor:
+    ids = tokenizer(responses, add_special_tokens=False).input_ids
+    return torch.tensor([sum(t in forbidden for t in x) / max(len(x), 1) for x in ids])
+
+
+@pytest.mark.slow
+def test_ppo_halves_forbidden_token_share(tmp_path):
+    """Reward = -share of forbidden tokens; the forbidden set is what the start policy likes.
+
+    The set is the most frequent tokens of the initial policy's samples, covering half of
+    them, so the policy starts out emitting them about 50% of the time.
+    """
+    from detoxrl.data import build_prompts, collate_queries
+    from detoxrl.policy import Policy
+
+    learn = ["--generation.min_new_tokens_draw", "12", "--generation.max_new_tokens_draw", "12",
+             "--generation.min_length", "12", "--ppo.batch_size", "32",
+             "--ppo.mini_batch_size", "8", "--ppo.ppo_epochs", "8",
+             "--ppo.learning_rate", "1e-2", "--ppo.kl_controller", "fixed",
+             "--ppo.init_kl_coef", "0.01", "--lora.r", "8",
+             "--lora.target_modules", "[q, v, lm_head]", "--steps", "12"]
+    cfg = _cfg(tmp_path, *learn)
+    policy = Policy.from_pretrained(cfg.model, cfg.lora)
+    prompts = build_prompts(cfg.data, policy.tokenizer).train.select(range(64))
+    ids, mask = collate_queries(prompts["input_ids"], policy.tokenizer.pad_token_id, "right")
+    torch.manual_seed(1)
+    start = policy.generate(ids, mask, cfg.generation, queries=prompts["query"])
+    counts = collections.Counter(t for r in policy.tokenizer(
+        start.responses, add_special_tokens=False).input_ids for t in r)
+    forbidden, covered, total = set(), 0, sum(counts.values())
+    for token, n in counts.most_common():
+        if covered >= total / 2:
+            break
+        forbidden.add(token)
+        covered += n
+
+    def reward(prompts, responses):
+        return -_token_share(policy.tokenizer, forbidden, responses)
+
+    result = train(cfg, reward_fn=reward, quiet=True)
+    shares = [-m["env/reward_mean"] for m in result.metrics]
+    first, last = shares[0], sum(shares[-3:]) / 3
+    assert first > 0.35, f"the start policy should emit forbidden tokens often ({first:.2f})"
+    assert last <= first / 2, f"share went {first:.3f} -> {last:.3f}: not halved"
+    assert all(math.isfinite(m["objective/kl"]) for m in result.metrics)
+
+
+# --------------------------------------------------------------------------- resume, skips
+
+class _Interrupt(Exception):
+    pass
+
+
+def _state(run_dir):
+    return {**load_file(run_dir / "adapter_model.safetensors"),
+            **{"vh." + k: v for k, v in load_file(run_dir / "value_head.safetensors").items()}}
+
+
+def test_resume_is_exact(tmp_path):
+    """A run stopped after step 3 and resumed from its step-2 checkpoint ends identically."""
+    extra = ["--steps", "4", "--save_every", "2", "--ppo.normalize_scores", "true",
+             "--ppo.lr_scheduler", "linear"]
+    full = train(_cfg(tmp_path / "full", *extra), quiet=True)
+
+    from detoxrl.reward import ClassifierReward
+
+    cfg = _cfg(tmp_path / "cut", *extra)
+    scorer = ClassifierReward.from_config(cfg.reward)
+    calls = {"n": 0}
+
+    def interrupting(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Interrupt
+        return scorer(prompts, responses)
+
+    with pytest.raises(_Interrupt):
+        train(cfg, reward_fn=interrupting, quiet=True)
+    resumed = train(_cfg(tmp_path / "cut", *extra), resume=True, quiet=True)
+
+    a, b = _state(full.output_dir), _state(resumed.output_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in
+             (resumed.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert resumed.trainer.kl_ctl.value == full.trainer.kl_ctl.value
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path):
+    calls = {"n": 0}
+
+    def sometimes_nan(prompts, responses):
+        calls["n"] += 1
+        return [float("nan") if calls["n"] == 2 else 0.5] * len(responses)
+
+    result = train(_cfg(tmp_path, "--steps", "3"), reward_fn=sometimes_nan, quiet=True)
+    skipped = [m for m in result.metrics if "ppo/skipped_steps" in m]
+    assert [m["step"] for m in skipped] == [2]
+    assert result.trainer.skipped_steps == 1
+    for key, value in _state(result.output_dir).items():
+        assert torch.isfinite(value).all(), key
+
+
+def test_refuses_to_mix_runs_and_resumes_only_with_checkpoints(tmp_path):
+    from detoxrl.errors import ConfigError
+
+    train(_cfg(tmp_path, "--steps", "1"), reward_fn=lambda p, r: [0.0] * len(r), quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(tmp_path, "--steps", "1"), reward_fn=lambda p, r: [0.0] * len(r))
+    with pytest.raises(ConfigError, match="Nothing to resume"):
+        train(_cfg(tmp_path, "--steps", "2"), resume=True)
