@@ -20,6 +20,7 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>", "<mask>"]
 TINY_NAMES = ("t5", "gpt2", "roberta-hate", "dialogsum")
+TINY_VERSION = 2  # bump when the builders change, so stale caches are not reused
 
 _PEOPLE = ["#Person1#", "#Person2#"]
 _SUBJECTS = ["the meeting", "my brother", "the new office", "dinner", "the train", "your exam",
@@ -35,9 +36,10 @@ _LINES = ["I think {s} is going to be late again.", "Really? I didn't know that.
 
 
 def cache_dir() -> Path:
-    """Where ``tiny:`` models are built: ``$DETOXRL_CACHE/tiny`` or ``~/.cache/detoxrl/tiny``."""
+    """Where ``tiny:`` models are built: ``tiny-vN`` under ``$DETOXRL_CACHE`` or
+    ``~/.cache/detoxrl``."""
     root = os.environ.get("DETOXRL_CACHE") or Path.home() / ".cache" / "detoxrl"
-    return Path(root) / "tiny"
+    return Path(root) / f"tiny-v{TINY_VERSION}"
 
 
 def synthetic_dialogues(n: int, seed: int = 0) -> list[dict]:
@@ -124,6 +126,7 @@ def build_classifier(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
 
     The labels follow facebook/roberta-hate-speech-dynabench-r4-target.
     """
+    import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     _seed_all(seed)
@@ -134,7 +137,11 @@ def build_classifier(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id, num_labels=2,
         id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1},
     )
-    return _save(RobertaForSequenceClassification(config), tokenizer, out_dir)
+    model = RobertaForSequenceClassification(config)
+    # With the default init the untrained logits barely differ between texts (std ~0.02), so
+    # the tiny preset's reward would be flat; a larger output layer gives PPO a slope to climb.
+    torch.nn.init.normal_(model.classifier.out_proj.weight, std=0.5)
+    return _save(model, tokenizer, out_dir)
 
 
 def untie_lm_head(model) -> None:
