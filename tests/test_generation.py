@@ -14,6 +14,7 @@ import torch
 
 from detoxrl.batch import Rollout
 from detoxrl.config import ModelConfig, SamplingConfig
+from detoxrl.data import collate_queries
 from detoxrl.generation import draw_lengths, response_mask
 from detoxrl.policy import Policy
 
@@ -29,20 +30,9 @@ PROMPTS = [
 
 # --------------------------------------------------------------------------- helpers
 
-def pad_rows(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
-        ids[i, start:start + len(row)] = torch.tensor(row)
-        mask[i, start:start + len(row)] = 1
-    return ids, mask
-
-
 def encode(policy: Policy, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [policy.tokenizer(p).input_ids for p in prompts]
-    return pad_rows(rows, policy.tokenizer.pad_token_id, policy.padding_side)
+    return collate_queries(rows, policy.tokenizer.pad_token_id, policy.padding_side)
 
 
 def make_eos_likely(policy: Policy, p_eos: float) -> None:

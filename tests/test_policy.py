@@ -21,6 +21,7 @@ from transformers import (
 
 from detoxrl import rl_math
 from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
+from detoxrl.data import collate_queries
 from detoxrl.errors import ConfigError, ModelLoadError
 from detoxrl.loading import resolve_dtype
 from detoxrl.policy import VALUE_HEAD_FILE, Policy, default_lora
@@ -40,15 +41,11 @@ VALUE_HEAD = {"value_head.summary.weight", "value_head.summary.bias"}
 
 def pad_rows(rows: list[list[int]], pad_id: int, side: str, extra: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to the longest plus ``extra`` columns, on the left or the right."""
-    width = max(len(r) for r in rows) + extra
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
-        ids[i, start:start + len(row)] = torch.tensor(row)
-        mask[i, start:start + len(row)] = 1
-    return ids, mask
+    """``collate_queries`` plus ``extra`` padding columns on the padding side."""
+    ids, mask = collate_queries(rows, pad_id, side)
+    pad = (extra, 0) if side == "left" else (0, extra)
+    return (torch.nn.functional.pad(ids, pad, value=pad_id),
+            torch.nn.functional.pad(mask, pad, value=0))
 
 
 def load(path, **kwargs) -> Policy:
