@@ -1,0 +1,167 @@
+"""The tutorial's PPO step (TRL's classic ``PPOTrainer`` as the FLAN-T5 lab ran it), no TRL.
+
+Structure kept from the tutorial:
+
+* rollout: ``generate`` once per prompt (batch size 1, no padding), each response cut to its
+  last ``max_new_tokens`` tokens and decoded one by one;
+* score: one ``text-classification`` pipeline call on all texts (``top_k=None``,
+  ``function_to_apply="none"``, ``batch_size`` = the batch), the ``nothate`` score kept;
+* reference: a full frozen ``copy.deepcopy`` of the base model made before LoRA is added
+  (TRL's ``create_reference_model``), held for the whole run;
+* forward: TRL's ``batched_forward_pass`` in chunks of ``mini_batch_size`` (4): policy
+  log-probs and values, then reference log-probs from the copy;
+* optimize: one epoch of PPO updates on shuffled mini-batches of 4, one optimizer step each.
+
+The loss math is ``detoxrl.rl_math`` and the policy network is ``detoxrl.policy.Policy`` (LoRA
+r=32 on q/v and a value head, as ``AutoModelForSeq2SeqLMWithValueHead``), so the arithmetic
+per token is the same as in the detoxrl mode; only the structure differs. TRL's defaults:
+cliprange 0.2, cliprange_value 0.2, vf_coef 0.1, gamma 1, lam 0.95, no gradient clipping,
+adaptive KL (0.2, target 6, horizon 10000), learning rate 1.41e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from ppo_modes import TEMPERATURE, Phases, default_device, load_lm, param_counts, sampling_kwargs
+
+
+class TutorialRunner:
+    def __init__(self, spec: dict):
+        from transformers import AutoTokenizer, pipeline
+
+        from detoxrl import rl_math
+        from detoxrl.config import LoraSettings
+        from detoxrl.policy import Policy
+
+        self.spec, self.device = spec, default_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
+        base = load_lm(spec["policy"], spec["is_seq2seq"])
+        # create_reference_model(): a second full copy of the network, frozen.
+        self.ref = copy.deepcopy(base).requires_grad_(False).eval()
+        torch.manual_seed(spec["seed"])
+        lora = LoraSettings(r=spec["lora_r"], alpha=spec["lora_r"])
+        self.policy = Policy.from_model(base, self.tokenizer, lora).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=1.41e-5)
+        self.pipe = pipeline("text-classification", model=spec["classifier"],
+                             device=self.device, dtype=torch.float32)
+        self.kl_ctl = rl_math.AdaptiveKLController(0.2, 6.0, 10000)
+
+    def parameter_counts(self) -> dict:
+        return {"policy": param_counts(self.policy), "reference": param_counts(self.ref),
+                "reward": param_counts(self.pipe.model)["total"]}
+
+    def step(self, prompts: dict, new_tokens: int, seed: int) -> dict:
+        torch.manual_seed(seed)
+        phases = Phases()
+        with phases("rollout"):
+            responses = self._generate(prompts["input_ids"], new_tokens)
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        if self.spec["rollout_only"]:
+            return phases.result(sum(len(r) for r in responses))
+        with phases("score"):
+            scores = self._score(prompts["query"], texts)
+        with phases("forward"):
+            batch = self._forward(self._rollout(prompts, responses, texts, scores))
+        batch = self._advantages(batch)
+        with phases("optimize"):
+            self._optimize(batch, seed)
+        return phases.result(int(batch.response_mask.sum()))
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def _generate(self, input_ids: list[list[int]], new_tokens: int) -> list[torch.Tensor]:
+        kwargs = sampling_kwargs(self.tokenizer, new_tokens)
+        responses = []
+        for ids in input_ids:  # for prompt_tensor in prompt_tensors: ppo_trainer.generate(...)
+            query = torch.tensor([ids], device=self.device)
+            out = self.policy.model.generate(input_ids=query, attention_mask=torch.ones_like(query),
+                                             **kwargs)
+            responses.append(out.squeeze(0)[-new_tokens:])
+        return responses
+
+    @torch.no_grad()
+    def _score(self, queries: list[str], texts: list[str]) -> torch.Tensor:
+        if self.spec["score_on"] == "query+response":
+            texts = [q + r for q, r in zip(queries, texts, strict=True)]
+        outputs = self.pipe(texts, top_k=None, function_to_apply="none",
+                            batch_size=len(texts), truncation=True)
+        return torch.tensor([next(d["score"] for d in out if d["label"] == "nothate")
+                             for out in outputs])
+
+    def _rollout(self, prompts: dict, responses: list[torch.Tensor], texts: list[str],
+                 scores: torch.Tensor):
+        from detoxrl.batch import Rollout
+        from detoxrl.data import collate_queries
+
+        side = "right" if self.spec["is_seq2seq"] else "left"
+        ids, mask = collate_queries(prompts["input_ids"], self.tokenizer.pad_token_id, side)
+        response_ids = torch.stack(responses)  # fixed length: no response padding
+        return Rollout(query_ids=ids.to(self.device), query_mask=mask.to(self.device),
+                       response_ids=response_ids, response_mask=torch.ones_like(response_ids),
+                       queries=list(prompts["query"]), responses=texts,
+                       ended_with_eos=torch.zeros(len(texts), dtype=torch.bool),
+                       scores=scores.to(self.device))
+
+    @torch.no_grad()
+    def _forward(self, batch):
+        logprobs, values, ref_logprobs = [], [], []
+        for idx in torch.arange(len(batch)).split(self.spec["mini_batch"]):
+            mb = batch.select(idx)
+            out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                              TEMPERATURE)
+            logprobs.append(out.logprobs)
+            values.append(out.values)
+            ref_logprobs.append(reference_logprobs(self.ref, mb))
+        return replace(batch, logprobs=torch.cat(logprobs), values=torch.cat(values),
+                       ref_logprobs=torch.cat(ref_logprobs))
+
+    def _advantages(self, batch):
+        from detoxrl import rl_math
+
+        mask = batch.response_mask
+        rewards, kl = rl_math.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs,
+                                                mask, self.kl_ctl.value)
+        advantages, returns = rl_math.gae_advantages(rewards, batch.values, mask, 1.0, 0.95)
+        self.kl_ctl.update(float(kl.sum(1).mean()), len(batch))
+        return replace(batch, rewards=rewards, returns=returns,
+                       advantages=rl_math.masked_whiten(advantages, mask))
+
+    def _optimize(self, batch, seed: int) -> None:
+        from detoxrl import rl_math
+
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + 1))
+        for idx in order.split(self.spec["mini_batch"]):
+            mb = batch.select(idx)
+            mask = mb.response_mask
+            out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids, mask, TEMPERATURE,
+                              with_entropy=True)
+            pg_loss, _ = rl_math.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, 0.2)
+            vf_loss, _ = rl_math.value_loss(out.values, mb.values, mb.returns, mask, 0.2)
+            (pg_loss + 0.1 * vf_loss).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def reference_logprobs(model, mb) -> torch.Tensor:
+    """Per-token log-probs of the responses under a plain transformers model (the copy)."""
+    q, qm, r, rm = mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask
+    if model.config.is_encoder_decoder:
+        start = torch.full_like(r[:, :1], model.config.decoder_start_token_id)
+        logits = model(input_ids=q, attention_mask=qm,
+                       decoder_input_ids=torch.cat([start, r[:, :-1]], dim=1),
+                       decoder_attention_mask=torch.cat([torch.ones_like(start), rm[:, :-1]], 1),
+                       use_cache=False).logits
+    else:
+        mask = torch.cat([qm, rm], dim=1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=torch.cat([q, r], dim=1), attention_mask=mask,
+                       position_ids=positions, use_cache=False).logits
+        logits = logits[:, q.shape[1] - 1:q.shape[1] - 1 + r.shape[1]]
+    logprobs = torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)
+    return logprobs.gather(-1, r.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,35 @@
+"""bench/ppo_step.py still runs: tiny shape, one short warm-up and one measured step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ppo_step.py"
+
+
+def test_ppo_step_bench_runs_on_tiny(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--steps", "1", "--warmup", "short",
+           "--batch", "8", "--new-tokens", "8", "--prompt-tokens", "64", "--out", str(out)]
+    # DETOXRL_CACHE comes from conftest's autouse fixture: tiny models build under tmp.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    [json_path] = out.glob("ppo_step-tiny-*.json")
+    report = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".md").is_file()
+    modes = report["modes"]
+    assert set(modes) == {"detoxrl", "tutorial", "bare"}
+    for name in ("detoxrl", "tutorial"):
+        assert set(modes[name]["phases_s"]) == {"rollout", "score", "forward", "optimize"}
+        assert modes[name]["tokens_per_step"] == 8 * 8  # fixed length: EOS cannot stop early
+        assert modes[name]["memory"]["step_peak_rss_mib"] > 0
+    assert modes["bare"]["tokens_per_step"] == 8 * 8
+    assert {h["name"] for h in report["headline"]} >= {"step speedup (tutorial / detoxrl)",
+                                                       "rollout / bare generate"}
+    assert report["versions"]["torch"] and report["config"]["batch"] == 8
