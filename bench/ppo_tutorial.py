@@ -12,9 +12,12 @@ Structure kept from the tutorial:
   log-probs and values, then reference log-probs from the copy;
 * optimize: one epoch of PPO updates on shuffled mini-batches of 4, one optimizer step each.
 
-The loss math is ``detoxrl.rl_math`` and the policy network is ``detoxrl.policy.Policy`` (LoRA
-r=32 on q/v and a value head, as ``AutoModelForSeq2SeqLMWithValueHead``), so the arithmetic
-per token is the same as in the detoxrl mode; only the structure differs. TRL's defaults:
+The loss math is ``detoxrl.rl_math`` and the network is the one ``detoxrl.policy.Policy``
+builds (LoRA r=32 on q/v and a value head, as ``AutoModelForSeq2SeqLMWithValueHead``), so the
+arithmetic per token is the same as in the detoxrl mode; only the structure differs. The
+forward passes (:func:`trl_forward`) and mini-batch slicing are this module's own, so that
+later optimisations of detoxrl's ``Policy.forward`` or ``Rollout.select`` do not speed up
+the tutorial. TRL's defaults:
 cliprange 0.2, cliprange_value 0.2, vf_coef 0.1, gamma 1, lam 0.95, no gradient clipping,
 adaptive KL (0.2, target 6, horizon 10000), learning rate 1.41e-5.
 """
@@ -22,7 +25,7 @@ adaptive KL (0.2, target 6, horizon 10000), learning rate 1.41e-5.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -111,12 +114,11 @@ class TutorialRunner:
     def _forward(self, batch):
         logprobs, values, ref_logprobs = [], [], []
         for idx in torch.arange(len(batch)).split(self.spec["mini_batch"]):
-            mb = batch.select(idx)
-            out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                              TEMPERATURE)
-            logprobs.append(out.logprobs)
-            values.append(out.values)
-            ref_logprobs.append(reference_logprobs(self.ref, mb))
+            mb = _rows(batch, idx)
+            lp, v, _ = trl_forward(self.policy.model, mb, self.policy.value_head)
+            logprobs.append(lp)
+            values.append(v)
+            ref_logprobs.append(trl_forward(self.ref, mb)[0])
         return replace(batch, logprobs=torch.cat(logprobs), values=torch.cat(values),
                        ref_logprobs=torch.cat(ref_logprobs))
 
@@ -136,32 +138,49 @@ class TutorialRunner:
 
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + 1))
         for idx in order.split(self.spec["mini_batch"]):
-            mb = batch.select(idx)
+            mb = _rows(batch, idx)
             mask = mb.response_mask
-            out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids, mask, TEMPERATURE,
-                              with_entropy=True)
-            pg_loss, _ = rl_math.policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, 0.2)
-            vf_loss, _ = rl_math.value_loss(out.values, mb.values, mb.returns, mask, 0.2)
+            logprobs, values, _ = trl_forward(self.policy.model, mb, self.policy.value_head,
+                                              with_entropy=True)
+            pg_loss, _ = rl_math.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, 0.2)
+            vf_loss, _ = rl_math.value_loss(values, mb.values, mb.returns, mask, 0.2)
             (pg_loss + 0.1 * vf_loss).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
-def reference_logprobs(model, mb) -> torch.Tensor:
-    """Per-token log-probs of the responses under a plain transformers model (the copy)."""
+def _rows(batch, idx: torch.Tensor):
+    """The rollouts at ``idx``, padded as the whole batch is (as TRL's forward batching)."""
+    return replace(batch, **{f.name: getattr(batch, f.name)[idx] for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def trl_forward(model, mb, value_head=None, with_entropy: bool = False):
+    """Response log-probs (and values, entropy) as TRL's ``batched_forward_pass`` got them:
+    full logits of every position, log-softmax, gather. Kept apart from ``Policy.forward``
+    so that optimisations of detoxrl's forward do not leak into the tutorial's figures."""
+    from detoxrl import rl_math
+
     q, qm, r, rm = mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask
     if model.config.is_encoder_decoder:
         start = torch.full_like(r[:, :1], model.config.decoder_start_token_id)
-        logits = model(input_ids=q, attention_mask=qm,
-                       decoder_input_ids=torch.cat([start, r[:, :-1]], dim=1),
-                       decoder_attention_mask=torch.cat([torch.ones_like(start), rm[:, :-1]], 1),
-                       use_cache=False).logits
+        out = model(input_ids=q, attention_mask=qm,
+                    decoder_input_ids=torch.cat([start, r[:, :-1]], dim=1),
+                    decoder_attention_mask=torch.cat([torch.ones_like(start), rm[:, :-1]], 1),
+                    output_hidden_states=value_head is not None, use_cache=False)
+        logits = out.logits
+        hidden = out.decoder_hidden_states[-1] if value_head is not None else None
     else:
         mask = torch.cat([qm, rm], dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=torch.cat([q, r], dim=1), attention_mask=mask,
-                       position_ids=positions, use_cache=False).logits
-        logits = logits[:, q.shape[1] - 1:q.shape[1] - 1 + r.shape[1]]
-    logprobs = torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)
-    return logprobs.gather(-1, r.unsqueeze(-1)).squeeze(-1)
+        out = model(input_ids=torch.cat([q, r], dim=1), attention_mask=mask,
+                    position_ids=positions, output_hidden_states=value_head is not None,
+                    use_cache=False)
+        cut = slice(q.shape[1] - 1, q.shape[1] - 1 + r.shape[1])
+        logits = out.logits[:, cut]
+        hidden = out.hidden_states[-1][:, cut] if value_head is not None else None
+    logits = logits.float() / TEMPERATURE
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, r.unsqueeze(-1)).squeeze(-1)
+    values = value_head(hidden) if value_head is not None else None
+    entropy = rl_math.entropy_from_logits(logits) if with_entropy else None
+    return logprobs, values, entropy
