@@ -46,12 +46,3 @@ def zero_stage(accelerator) -> int:
     state = getattr(accelerator, "state", None)
     plugin = getattr(state, "deepspeed_plugin", None)
     return int(plugin.zero_stage or 0) if plugin is not None else 0
-
-
-def gather_list(accelerator, items: list) -> list:
-    """Concatenate a Python list over ranks (rank order)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-
-    return gather_object(items)

@@ -12,6 +12,7 @@ One call of :meth:`PPOTrainer.step` is one PPO iteration, in numbered steps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .generation import draw_lengths
 from .policy import Policy
 
+logger = logging.getLogger(__name__)
 RewardFn = Callable[[list[str], list[str]], "Tensor | list[float]"]
 
 
@@ -247,6 +249,8 @@ class PPOTrainer:
         return {k: float(v) for k, v in m.items()}
 
     def _skip(self, batch: Rollout, timer, why: str) -> StepResult:
+        """Count and report a step that is not applied; every rank skips it together."""
+        logger.warning("PPO step skipped: %s (skipped so far: %d)", why, self.skipped_steps + 1)
         self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(batch, {"ppo/skipped_steps": float(self.skipped_steps),
