@@ -91,15 +91,6 @@ def first_seed(sample, accept, tries: int = 12):
     pytest.fail(f"no seed in range({tries}) gave the batch this test needs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["t5", "gpt2"])
 def eos_policy(request) -> Policy:
     path = request.getfixturevalue(f"tiny_{request.param}_path")

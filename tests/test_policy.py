@@ -115,15 +115,6 @@ def make_adapter(base_path, out_dir, seed: int = 0):
     return out_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(params=["t5", "gpt2"])
 def base_path(request):
     return request.getfixturevalue(f"tiny_{request.param}_path")
