@@ -120,6 +120,9 @@ class Policy(nn.Module):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         device = torch.device(device)
+        for path in (cfg.adapter, trained_adapter):  # fail before loading the base weights
+            if path is not None:
+                _resolve_adapter(path)
         hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
         auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
