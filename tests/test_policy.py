@@ -164,6 +164,33 @@ def test_scores_do_not_depend_on_the_rest_of_the_batch(base_path, adapters):
                                            atol=1e-5, rtol=0)
 
 
+def test_rollout_keeps_the_encoder_output_and_forward_can_reuse_it(base_path):
+    policy = load(base_path)
+    batch = sample(policy)
+    if not policy.is_seq2seq:
+        assert batch.encoder_hidden is None
+        return
+    hidden = policy.model.get_base_model().config.d_model
+    assert batch.encoder_hidden.shape == (*batch.query_ids.shape, hidden)
+    with torch.no_grad():
+        full = score(policy, batch)
+        reused = score(policy, batch, encoder_hidden=batch.encoder_hidden)
+    torch.testing.assert_close(reused.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reused.values, full.values, atol=1e-5, rtol=0)
+
+
+def test_causal_forward_computes_only_the_response_logits(tiny_gpt2_path):
+    policy = load(tiny_gpt2_path)
+    assert policy._accepts_logits_to_keep          # GPT-2 takes logits_to_keep: it is used
+    batch = sample(policy)
+    with torch.no_grad():
+        kept = score(policy, batch, with_entropy=True)
+        policy._accepts_logits_to_keep = False     # the fallback for models that do not
+        full = score(policy, batch, with_entropy=True)
+    for name in ("logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(kept, name), getattr(full, name), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- reference / KL
 
 def test_fresh_adapter_starts_at_zero_kl_to_the_base(base_path):

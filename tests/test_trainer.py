@@ -91,6 +91,45 @@ def test_one_step_matches_hand_computation(tmp_path):
     assert vloss.item() == pytest.approx(0.5 * sum(errs) / 5, abs=1e-6)
 
 
+# --------------------------------------------------------------------------- step 3
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_old_and_ref_forward_matches_one_plain_pass(request, arch, tmp_path):
+    """Length-sorted chunks, trimmed padding and the reused encoder change no number."""
+    from accelerate import Accelerator
+
+    from detoxrl.config import ModelConfig, SamplingConfig
+    from detoxrl.data import collate_queries
+    from detoxrl.policy import Policy
+    from detoxrl.trainer import PPOTrainer
+
+    path = request.getfixturevalue(f"tiny_{arch}_path")
+    policy = Policy.from_pretrained(ModelConfig(name_or_path=str(path)))
+    with torch.no_grad():  # move the adapter off zero, so policy and reference differ
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    cfg = _cfg(tmp_path, "--ppo.batch_size", "6", "--ppo.mini_batch_size", "2").finalize()
+    trainer = PPOTrainer(cfg, policy, None, Accelerator(cpu=True), optimizer=None)
+    texts = [" ".join(["word"] * n) + " end" for n in (3, 40, 7, 25, 1, 12)]
+    q, qm = collate_queries([policy.tokenizer(t).input_ids for t in texts],
+                            policy.tokenizer.pad_token_id, policy.padding_side)
+    torch.manual_seed(0)
+    batch = policy.generate(q, qm, SamplingConfig(min_length=4), [6, 3, 8, 5, 8, 2])
+    got = trainer.forward_old_and_ref(batch)
+    with torch.no_grad():
+        args = (batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+        old = policy(*args)
+        with policy.reference():
+            ref = policy(*args, with_values=False)
+    mask = batch.response_mask.float()
+    assert got.encoder_hidden is None                 # used once, then dropped
+    assert (got.logprobs - got.ref_logprobs).abs().max() > 1e-3
+    for mine, plain in ((got.logprobs, old.logprobs), (got.values, old.values),
+                        (got.ref_logprobs, ref.logprobs)):
+        torch.testing.assert_close(mine, plain * mask, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- it learns
 
 def _token_share(tokenizer, forbidden: set[int], responses: list[str]) -> torch.Tensor:

@@ -7,6 +7,9 @@ policy (``detoxrl.policy``) is the only place that knows the difference.
 Padding: queries are left-padded (causal models generate from the right edge) or
 right-padded (seq2seq encoders); responses are always right-padded, and every position
 after a response's EOS, or past its own length draw, is padding with ``response_mask == 0``.
+A mini-batch drops the columns that are padding in all of its rows, on either side: that is
+exact for both paddings (padded keys are masked, causal position ids count real tokens) and
+saves the compute the batch-wide padding would cost.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 PER_TOKEN_FIELDS = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values",
                     "rewards", "advantages", "returns")
+QUERY_FIELDS = ("query_ids", "query_mask", "encoder_hidden")
 
 
 @dataclass
@@ -30,6 +34,9 @@ class Rollout:
     queries: list[str]                # B decoded prompts
     responses: list[str]              # B decoded responses (no special tokens)
     ended_with_eos: Tensor            # (B,) bool, response stopped on EOS before its limit
+    # Seq2seq only: the encoder's output for the queries under the rollout policy, kept so
+    # the old log-probs need no second encoder pass. None for causal LMs and once used.
+    encoder_hidden: Tensor | None = None  # (B, Q, H) last encoder hidden state
     # Filled in by the trainer after generation; None until then.
     scores: Tensor | None = None          # (B,) reward-model score per response
     logprobs: Tensor | None = None        # (B, T) log-probs under the rollout policy
@@ -43,7 +50,7 @@ class Rollout:
         return self.response_ids.shape[0]
 
     def select(self, index: Tensor | list[int]) -> Rollout:
-        """The rollouts at ``index`` (a mini-batch), trimmed to their longest response."""
+        """The rollouts at ``index`` (a mini-batch), trimmed to their longest query and response."""
         index = torch.as_tensor(index, dtype=torch.long)
         picked = {}
         for f in dataclasses.fields(self):
@@ -57,15 +64,19 @@ class Rollout:
         return Rollout(**picked).trim()
 
     def trim(self) -> Rollout:
-        """Drop response columns that are padding in every row (saves compute in PPO)."""
+        """Drop response and query columns that are padding in every row."""
         width = int(self.response_mask.sum(1).max().item()) if len(self) else 0
         width = max(width, 1)
-        if width == self.response_ids.shape[1]:
-            return self
-        return dataclasses.replace(self, **{
-            name: getattr(self, name)[:, :width] for name in PER_TOKEN_FIELDS
-            if getattr(self, name) is not None
-        })
+        changes = {}
+        if width < self.response_ids.shape[1]:
+            changes = {name: getattr(self, name)[:, :width] for name in PER_TOKEN_FIELDS
+                       if getattr(self, name) is not None}
+        real = self.query_mask.any(0).nonzero().flatten().tolist()   # columns with a token
+        if real and (real[0], real[-1] + 1) != (0, self.query_mask.shape[1]):
+            cols = slice(real[0], real[-1] + 1)
+            changes.update({name: getattr(self, name)[:, cols] for name in QUERY_FIELDS
+                            if getattr(self, name) is not None})
+        return dataclasses.replace(self, **changes) if changes else self
 
     def to(self, device: torch.device | str) -> Rollout:
         return dataclasses.replace(self, **{

@@ -13,6 +13,7 @@ the trap of comparing against the bare base (huggingface/trl#1340).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,8 @@ class Policy(nn.Module):
         self.is_seq2seq = bool(config.is_encoder_decoder)
         self.value_head = ValueHead(config.get_text_config().hidden_size)
         self.has_reference_adapter = has_reference_adapter
+        forward_params = inspect.signature(peft_model.get_base_model().forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_params
         freeze_dropout(self)
 
     # ------------------------------------------------------------------ construction
@@ -162,15 +165,18 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
                 response_mask: Tensor, temperature: float = 1.0, with_values: bool = True,
-                with_entropy: bool = False) -> PolicyOutput:
+                with_entropy: bool = False, encoder_hidden: Tensor | None = None
+                ) -> PolicyOutput:
         """Per-token log-probs (and values, entropy) of ``response_ids`` given the queries.
 
         Shapes: queries (B, Q), responses (B, T); every output is (B, T). Positions outside
         ``response_mask`` hold finite but meaningless numbers; callers mask them.
+        ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
+        under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
         """
         if self.is_seq2seq:
             logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
-                                                  response_mask)
+                                                  response_mask, encoder_hidden)
         else:
             logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
                                                  response_mask)
@@ -181,16 +187,19 @@ class Policy(nn.Module):
         entropy = rl_math.entropy_from_logits(logits) if with_entropy else None
         return PolicyOutput(token_logprobs, values, entropy)
 
-    def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask):
+    def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask,
+                        encoder_hidden=None):
         # Teacher forcing: the decoder sees [start] + response[:-1], so position t predicts
         # response token t, the first token included (TRL-classic never scored it).
         start = self.model.get_base_model().config.decoder_start_token_id
         start_col = torch.full_like(response_ids[:, :1], start)
         decoder_ids = torch.cat([start_col, response_ids[:, :-1]], dim=1)               # (B, T)
         decoder_mask = torch.cat([torch.ones_like(start_col), response_mask[:, :-1]], dim=1)
+        encoder_outputs = None if encoder_hidden is None else (encoder_hidden,)
         out = self.model(input_ids=query_ids, attention_mask=query_mask,
-                         decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
-                         output_hidden_states=True, use_cache=False)
+                         encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids,
+                         decoder_attention_mask=decoder_mask, output_hidden_states=True,
+                         use_cache=False)
         return out.logits, out.decoder_hidden_states[-1]
 
     def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
@@ -199,11 +208,14 @@ class Policy(nn.Module):
         input_ids = torch.cat([query_ids, response_ids], dim=1)                         # (B, Q+T)
         mask = torch.cat([query_mask, response_mask], dim=1)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         output_hidden_states=True, use_cache=False)
         q, t = query_ids.shape[1], response_ids.shape[1]
+        # The lm_head is the costliest layer per position; only the last t + 1 are needed.
+        keep = {"logits_to_keep": t + 1} if self._accepts_logits_to_keep else {}
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         output_hidden_states=True, use_cache=False, **keep)
+        logits = out.logits[:, -(t + 1):]                                             # (B, T+1, V)
         # The state at position i predicts token i + 1: response token j comes from q - 1 + j.
-        return out.logits[:, q - 1:q - 1 + t], out.hidden_states[-1][:, q - 1:q - 1 + t]
+        return logits[:, :t], out.hidden_states[-1][:, q - 1:q - 1 + t]
 
     # ------------------------------------------------------------------ generation
     @property
@@ -219,12 +231,19 @@ class Policy(nn.Module):
         if limits is None:
             limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
         tok = self.tokenizer
+        encoder_hidden, extra = None, {}
+        if self.is_seq2seq:  # run the encoder here so that the old log-probs can reuse it
+            from transformers.modeling_outputs import BaseModelOutput
+
+            encoder_hidden = self.model.get_encoder()(
+                input_ids=query_ids, attention_mask=query_mask).last_hidden_state  # (B, Q, H)
+            extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
         sequences = self.model.generate(
             input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
             min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
             top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
             num_beams=sampling.num_beams, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus)
+            eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus, **extra)
         # Seq2seq output starts with the decoder start token; causal output with the query.
         response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
         limit_t = torch.tensor(limits, device=response.device)
@@ -235,7 +254,7 @@ class Policy(nn.Module):
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
                        response_mask=mask, queries=list(queries),
                        responses=tok.batch_decode(response, skip_special_tokens=True),
-                       ended_with_eos=ended).trim()
+                       ended_with_eos=ended, encoder_hidden=encoder_hidden).trim()
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:

@@ -122,25 +122,30 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 3. old + ref
     @torch.no_grad()
     def forward_old_and_ref(self, batch: Rollout) -> Rollout:
-        logprobs, ref_logprobs, values = [], [], []
+        """Old log-probs and values, and reference log-probs, in mini-batch-sized chunks.
+
+        The order is free here, so chunks group prompts of similar length and carry little
+        padding. The old pass reuses the rollout's encoder output (seq2seq), which is then
+        dropped; the reference needs its own, as the adapter also changes the encoder.
+        """
         t = self.cfg.generation.temperature
-        for idx in torch.arange(len(batch)).split(self.cfg.ppo.local_mini_batch_size):
+        order = batch.query_mask.sum(1).argsort(descending=True).cpu()
+        chunks = []
+        for idx in order.split(self.cfg.ppo.local_mini_batch_size):
             mb = batch.select(idx)
-            width = mb.response_ids.shape[1]
             with self._autocast():
                 out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
-                                  mb.response_mask, t)
+                                  mb.response_mask, t, encoder_hidden=mb.encoder_hidden)
                 with self.policy.reference():
                     ref = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
                                       mb.response_mask, t, with_values=False)
-            pad = batch.response_ids.shape[1] - width
-            logprobs.append(_pad_right(out.logprobs.float(), pad))
-            values.append(_pad_right(out.values.float(), pad))
-            ref_logprobs.append(_pad_right(ref.logprobs.float(), pad))
-        mask = batch.response_mask.float()
-        return replace(batch, logprobs=torch.cat(logprobs) * mask,
-                       ref_logprobs=torch.cat(ref_logprobs) * mask,
-                       values=torch.cat(values) * mask)
+            chunks.append((out.logprobs, ref.logprobs, out.values))
+        width, mask = batch.response_ids.shape[1], batch.response_mask.float()
+        logprobs, ref_logprobs, values = (
+            _unsort([_pad_right(c[i].float(), width - c[i].shape[1]) for c in chunks], order)
+            * mask for i in range(3))
+        return replace(batch, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                       encoder_hidden=None)
 
     # ------------------------------------------------------------------ 4. rewards
     def shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor]:
@@ -276,6 +281,12 @@ class PPOTrainer:
 def _global_masked_mean(accelerator, x: Tensor, mask: Tensor) -> Tensor:
     mean, _, _ = dist.global_masked_moments(accelerator, x, mask)
     return mean
+
+
+def _unsort(chunks: list[Tensor], order: Tensor) -> Tensor:
+    """Rows computed in ``order``, put back in batch order."""
+    sorted_rows = torch.cat(chunks)
+    return sorted_rows[torch.argsort(order).to(sorted_rows.device)]
 
 
 def _pad_right(x: Tensor, pad: int) -> Tensor:
