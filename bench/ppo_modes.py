@@ -1,6 +1,7 @@
 """The benchmarked modes; each runs alone in its own worker process (see ``ppo_step.py``).
 
-* ``detoxrl``: ``PPOTrainer.step`` assembled as ``detoxrl.run.train`` assembles it.
+* ``detoxrl``: ``PPOTrainer.step``, assembled by ``detoxrl.run.build_trainer`` as in
+  ``detoxrl.run.train``.
 * ``tutorial``: the tutorial's TRL loop without TRL: one ``generate`` per prompt, one
   pipeline call for the rewards, a full frozen copy of the base model for the reference
   log-probs, forward passes and PPO updates in mini-batches of 4.
@@ -208,29 +209,15 @@ _TRAINER_PHASES = {"rollout": "rollout", "score": "score", "forward_old_and_ref"
 
 
 class DetoxRunner:
-    """``PPOTrainer`` built from a ``TrainConfig`` exactly as ``detoxrl.run.train`` does."""
+    """``PPOTrainer`` built by ``detoxrl.run.make_accelerator`` and ``build_trainer``, the
+    functions ``detoxrl.run.train`` calls, so the benchmark times the code a run runs."""
 
     def __init__(self, spec: dict):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        from detoxrl import run
-        from detoxrl.policy import Policy
-        from detoxrl.reward import ClassifierReward
-        from detoxrl.trainer import PPOTrainer
+        from detoxrl.run import build_trainer, make_accelerator
 
         cfg = train_config(spec)
-        accelerator = Accelerator(mixed_precision=run._mixed_precision(cfg))
-        set_seed(cfg.seed)
-        policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
-        reward = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                      lr=cfg.ppo.learning_rate,
-                                      weight_decay=cfg.ppo.weight_decay)
-        scheduler = run._scheduler(cfg, optimizer)
-        model, optimizer = accelerator.prepare(policy, optimizer)
-        self.trainer = PPOTrainer(cfg, model, reward, accelerator, optimizer, scheduler)
-        self.reward = reward
+        self.trainer = build_trainer(cfg, make_accelerator(cfg))
+        self.reward = self.trainer.reward_fn
         self.rollout_only = spec["rollout_only"]
         # CPU time per phase, from wrappers around the methods the trainer's timer wraps;
         # the wall times reported are the trainer's own ``time/*`` metrics.

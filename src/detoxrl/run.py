@@ -44,39 +44,20 @@ class RunResult:
 def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = False,
           overwrite: bool = False, quiet: bool = False) -> RunResult:
     """Train a policy with PPO as ``cfg`` says; ``reward_fn`` overrides ``cfg.reward``."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from .data import build_prompts
-    from .policy import Policy
+    from .loading import load_tokenizer
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir)
-    _check_launch(accelerator)
-    cfg.finalize(accelerator.num_processes)
+    accelerator = make_accelerator(cfg, resume=resume)
     out = Path(cfg.output_dir)
-    start = _check_output_dir(out, resume, overwrite, accelerator)
-    _setup_deepspeed(cfg, accelerator, resume)
-    with accelerator.local_main_process_first():  # tiny: names are built once per machine
-        for name in (cfg.model.name_or_path, cfg.data.path, cfg.reward.model):
-            tiny.resolve(name)
-    set_seed(cfg.seed)                        # LoRA and value-head initialisation
-    policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
-    if accelerator.is_main_process and not quiet:
-        print_parameter_report(policy)
-    prompts = build_prompts(cfg.data, policy.tokenizer, seed=cfg.seed).train
-    if reward_fn is None:
-        from .reward import ClassifierReward
-
-        with _whole_weights(accelerator):  # no engine wraps the classifier: never shard it
-            reward_fn = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                  lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
-    scheduler = _scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    trainer = PPOTrainer(cfg, model, reward_fn, accelerator, optimizer, scheduler)
+    start = _check_output_dir(out, resume, overwrite, accelerator)  # before any model loads
+    _resolve_tiny_names(cfg, accelerator)
+    # Data errors surface before the models load; the prompts need only the tokenizer.
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision,
+                               cfg.model.trust_remote_code)
+    prompts = build_prompts(cfg.data, tokenizer, seed=cfg.seed).train
+    trainer = build_trainer(cfg, accelerator, reward_fn, quiet=quiet)
     if start is not None:
-        state = load_checkpoint(start, trainer.policy, optimizer)
+        state = load_checkpoint(start, trainer.policy, trainer.optimizer)
         trainer.load_state_dict(state)
         first_step = state["step"]
     else:
@@ -92,6 +73,62 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = Fa
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(out, metrics, trainer)
+
+
+def make_accelerator(cfg: TrainConfig, resume: bool = False):
+    """The ``Accelerator`` a run trains under, ready for ``build_trainer``.
+
+    Public so that other entry points (the benchmark) get the run's mixed precision and
+    checks rather than a copy of them. It refuses a broken multi-process launch, finalizes
+    ``cfg`` for the number of processes (per-rank batch sizes) and, under DeepSpeed, fills
+    the batch sizes ``prepare`` needs or refuses what is unsupported (``resume`` included),
+    all before a model is loaded.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.log_with or None,
+                              project_dir=cfg.output_dir)
+    _check_launch(accelerator)
+    cfg.finalize(accelerator.num_processes)
+    _setup_deepspeed(cfg, accelerator, resume)
+    return accelerator
+
+
+def build_trainer(cfg: TrainConfig, accelerator, reward_fn: RewardFn | None = None,
+                  quiet: bool = True) -> PPOTrainer:
+    """A ``PPOTrainer`` at step 0: policy, reward, optimizer and scheduler, prepared.
+
+    The one place these are assembled, so ``train`` and the benchmark measure and run the
+    same thing. ``cfg`` must be finalized (``make_accelerator`` does it). The seed is set
+    just before the policy is built, so the LoRA and value-head initialisation depend on
+    ``cfg.seed`` alone. ``reward_fn`` overrides ``cfg.reward``; ``quiet=False`` prints the
+    parameter report on the main process. Checkpoint state is the caller's to load.
+    """
+    from accelerate.utils import set_seed
+
+    from .policy import Policy
+
+    _resolve_tiny_names(cfg, accelerator)
+    set_seed(cfg.seed)                        # LoRA and value-head initialisation
+    policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
+    if accelerator.is_main_process and not quiet:
+        print_parameter_report(policy)
+    if reward_fn is None:
+        from .reward import ClassifierReward
+
+        with _whole_weights(accelerator):  # no engine wraps the classifier: never shard it
+            reward_fn = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                  lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
+    scheduler = _scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    return PPOTrainer(cfg, model, reward_fn, accelerator, optimizer, scheduler)
+
+
+def _resolve_tiny_names(cfg: TrainConfig, accelerator) -> None:
+    with accelerator.local_main_process_first():  # tiny: names are built once per machine
+        for name in (cfg.model.name_or_path, cfg.data.path, cfg.reward.model):
+            tiny.resolve(name)
 
 
 def _loop(cfg, trainer, prompts, first_step, accelerator, quiet) -> list[dict]:
