@@ -350,6 +350,49 @@ def test_dropout_is_off(base_path):
     assert not any(m.training for m in policy.modules())
 
 
+# --------------------------------------------------------------------------- checkpointing
+
+def _saved_activation_bytes(policy: Policy, batch) -> tuple[int, object]:
+    """Bytes autograd keeps for the backward pass (parameters excluded), and the output."""
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = score(policy, batch, with_entropy=True)
+    return sum(seen.values()), out
+
+
+def test_gradient_checkpointing_keeps_the_numbers_and_drops_activations(base_path):
+    policies = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        policies[flag] = Policy.from_pretrained(
+            ModelConfig(name_or_path=str(base_path), gradient_checkpointing=flag))
+    batch = sample(policies[False])
+    saved, grads, outs = {}, {}, {}
+    for flag, policy in policies.items():
+        with torch.no_grad():  # a non-zero adapter, so that the LoRA path carries gradients
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.01)
+        saved[flag], outs[flag] = _saved_activation_bytes(policy, batch)
+        (outs[flag].logprobs.sum() + outs[flag].values.sum()).backward()
+        grads[flag] = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    assert saved[True] < saved[False] / 2
+    for name in ("logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(outs[True], name), getattr(outs[False], name),
+                                   atol=1e-6, rtol=0)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- save / load
 
 def test_save_and_load_trained_round_trip(base_path, tmp_path):

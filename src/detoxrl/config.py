@@ -45,6 +45,10 @@ class ModelConfig:
                     "refused for T5, which overflows in fp16.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the policy.")
     trust_remote_code: bool = option(False, "Run model code from the Hub. Off unless you trust it.")
+    gradient_checkpointing: bool = option(False, "Recompute each layer's activations in the "
+                                          "backward pass instead of storing them: much less "
+                                          "memory in the PPO updates, for about one more "
+                                          "forward pass of compute.")
 
 
 @dataclass

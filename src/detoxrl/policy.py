@@ -53,7 +53,7 @@ class ValueHead(nn.Module):
 class PolicyOutput:
     logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
     values: Tensor | None         # (B, T) value before each response token
-    entropy: Tensor | None        # (B, T) entropy of each next-token distribution
+    entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
 
 
 def default_lora(model_type: str, is_seq2seq: bool, lora: LoraSettings):
@@ -80,6 +80,7 @@ class Policy(nn.Module):
         self.has_reference_adapter = has_reference_adapter
         forward_params = inspect.signature(peft_model.get_base_model().forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in forward_params
+        self._checkpointed_layers: list[nn.Module] = []
         freeze_dropout(self)
 
     # ------------------------------------------------------------------ construction
@@ -134,7 +135,27 @@ class Policy(nn.Module):
         tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
         _ensure_pad_token(tokenizer, base)
         policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable)
+        if cfg.gradient_checkpointing and trainable:
+            policy.enable_gradient_checkpointing()
         return policy.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each layer's input for the backward pass; recompute the rest there.
+
+        transformers checkpoints a layer only while that layer is in training mode, and RL
+        keeps the network in eval mode (no dropout). So only the layer containers are marked
+        as training, just before each forward; the dropout and attention modules inside them
+        stay in eval mode and every number is unchanged.
+        """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.model.get_base_model()
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not getattr(base, "supports_gradient_checkpointing", False) or not layers:
+            raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing "
+                              "here; set model.gradient_checkpointing to false.")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointed_layers = layers
 
     # ------------------------------------------------------------------ reference
     @contextmanager
@@ -174,17 +195,24 @@ class Policy(nn.Module):
         ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
         under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
         """
+        for layer in self._checkpointed_layers:  # model.eval() elsewhere would unmark them
+            layer.training = True
         if self.is_seq2seq:
             logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
                                                   response_mask, encoder_hidden)
         else:
             logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
                                                  response_mask)
-        logits = logits.float() / temperature                               # (B, T, V)
+        logits = logits.float()                                             # (B, T, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         values = self.value_head(hidden) if with_values else None
-        entropy = rl_math.entropy_from_logits(logits) if with_entropy else None
+        entropy = None
+        if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
+            with torch.no_grad():
+                entropy = rl_math.entropy_from_logits(logits)
         return PolicyOutput(token_logprobs, values, entropy)
 
     def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask,
