@@ -268,14 +268,15 @@ def train_config(spec: dict):
 
     n = spec["new_tokens"]
     cfg = TrainConfig(
-        model=ModelConfig(name_or_path=spec["policy"]),
+        model=ModelConfig(name_or_path=spec["policy"],
+                          gradient_checkpointing=spec["gradient_checkpointing"]),
         lora=LoraSettings(r=spec["lora_r"], alpha=spec["lora_r"]),
         reward=RewardConfig(model=spec["classifier"], score_on=spec["score_on"],
                             batch_size=spec["batch"]),
         generation=SamplingConfig(min_new_tokens_draw=n, max_new_tokens_draw=n, min_length=n,
                                   top_k=0, top_p=1.0),
         ppo=PPOConfig(batch_size=spec["batch"], mini_batch_size=spec["mini_batch"],
-                      ppo_epochs=1),
+                      gradient_accumulation_steps=spec["grad_accum"], ppo_epochs=1),
         seed=spec["seed"], output_dir=os.devnull)
     return cfg.finalize(1)
 

@@ -23,6 +23,8 @@ def summarize(args, spec: dict, raw: dict, data_source: str, load_before, wall_s
     return {
         "benchmark": "ppo_step", "shape": spec["shape"], "device": _device_name(torch),
         "config": {"batch": spec["batch"], "mini_batch": spec["mini_batch"],
+                   "detoxrl_grad_accum": spec["grad_accum"],
+                   "detoxrl_gradient_checkpointing": spec["gradient_checkpointing"],
                    "ppo_epochs": 1, "new_tokens": spec["new_tokens"],
                    "new_tokens_fixed": True, "prompt_tokens_max": args.prompt_tokens,
                    "prompt_tokens_actual": {k: prompts[k] for k in
@@ -164,13 +166,25 @@ def write_outputs(report: dict, out_dir: Path) -> tuple[Path, Path, str]:
     from detoxrl.io import atomic_write_json, atomic_write_text
 
     c = report["config"]
-    suffix = (f"-t{c['threads']}" if c["threads"] else "") + ("-rollout" if c["rollout_only"]
-                                                             else "")
+    suffix = "".join([f"-t{c['threads']}" if c["threads"] else "",
+                      f"-ga{c['detoxrl_grad_accum']}" if c["detoxrl_grad_accum"] > 1 else "",
+                      "-gc" if c["detoxrl_gradient_checkpointing"] else "",
+                      "-rollout" if c["rollout_only"] else ""])
     stem = f"ppo_step-{report['shape']}-{report['device']}{suffix}"
     markdown = to_markdown(report)
     json_path = atomic_write_json(Path(out_dir) / f"{stem}.json", report)
     md_path = atomic_write_text(Path(out_dir) / f"{stem}.md", markdown)
     return json_path, md_path, markdown
+
+
+def _detox_memory(c: dict) -> str:
+    """The detoxrl-only memory settings, when the run used any."""
+    parts = []
+    if c["detoxrl_grad_accum"] > 1:
+        parts.append(f"as {c['detoxrl_grad_accum']} micro-batches")
+    if c["detoxrl_gradient_checkpointing"]:
+        parts.append("gradient checkpointing")
+    return f" (detoxrl: {', '.join(parts)})" if parts else ""
 
 
 def to_markdown(report: dict) -> str:
@@ -179,7 +193,8 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# PPO step: `{report['shape']}` on {m.get('gpu') or m['cpu']} "
         f"({m['logical_cpus']} CPUs, {_threads(report)} torch thread(s) per mode)", "",
-        f"batch {c['batch']}, mini-batch {c['mini_batch']}, {c['new_tokens']} new tokens per "
+        f"batch {c['batch']}, mini-batch {c['mini_batch']}{_detox_memory(c)}, "
+        f"{c['new_tokens']} new tokens per "
         f"response (fixed), prompts {c['prompt_tokens_actual']['tokens_min']}-"
         f"{c['prompt_tokens_actual']['tokens_max']} tokens (mean "
         f"{c['prompt_tokens_actual']['tokens_mean']:.0f}), LoRA r={c['lora_r']}, reward "

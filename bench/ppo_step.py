@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per mode (median)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per PPO step")
     ap.add_argument("--mini-batch", type=int, default=4, help="PPO mini-batch (TRL's 4)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="detoxrl only: micro-batches per mini-batch "
+                         "(ppo.gradient_accumulation_steps; the same update, less memory)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="detoxrl only: model.gradient_checkpointing (less memory, more compute)")
     ap.add_argument("--new-tokens", type=int, default=64,
                     help="response length; fixed (min = max), so EOS cannot end it early")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt truncation")
@@ -64,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--steps, --batch and --new-tokens must be at least 1")
     if args.batch % args.mini_batch:
         ap.error("--batch must be a multiple of --mini-batch")
+    if args.grad_accum < 1 or args.mini_batch % args.grad_accum:
+        ap.error("--mini-batch must be a multiple of --grad-accum (at least 1)")
     return args
 
 
@@ -71,7 +78,8 @@ def make_spec(args: argparse.Namespace, shape, prompts: dict) -> dict:
     short = args.warmup == "short"
     return {"shape": shape.name, "policy": shape.policy, "classifier": shape.classifier,
             "is_seq2seq": shape.is_seq2seq, "prompts": prompts, "batch": args.batch,
-            "mini_batch": args.mini_batch, "new_tokens": args.new_tokens,
+            "mini_batch": args.mini_batch, "grad_accum": args.grad_accum,
+            "gradient_checkpointing": args.gradient_checkpointing, "new_tokens": args.new_tokens,
             "lora_r": args.lora_r, "score_on": args.score_on, "seed": args.seed,
             "threads": args.threads, "rollout_only": args.rollout_only,
             "warmup_rows": args.mini_batch if short else args.batch,

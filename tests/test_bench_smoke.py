@@ -14,13 +14,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ppo_step.py"
 def test_ppo_step_bench_runs_on_tiny(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--steps", "1", "--warmup", "short",
-           "--batch", "4", "--new-tokens", "4", "--prompt-tokens", "32", "--out", str(out)]
+           "--batch", "4", "--new-tokens", "4", "--prompt-tokens", "32", "--out", str(out),
+           "--grad-accum", "2", "--gradient-checkpointing"]
     # DETOXRL_CACHE comes from conftest's autouse fixture: tiny models build under tmp.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    [json_path] = out.glob("ppo_step-tiny-*.json")
+    [json_path] = out.glob("ppo_step-tiny-*-ga2-gc.json")
     report = json.loads(json_path.read_text())
     assert json_path.with_suffix(".md").is_file()
     modes = report["modes"]
@@ -33,3 +34,6 @@ def test_ppo_step_bench_runs_on_tiny(tmp_path):
     assert {h["name"] for h in report["headline"]} >= {"step speedup (tutorial / detoxrl)",
                                                        "rollout / bare generate"}
     assert report["versions"]["torch"] and report["config"]["batch"] == 4
+    assert report["config"]["detoxrl_grad_accum"] == 2
+    assert "(detoxrl: as 2 micro-batches, gradient checkpointing)" in \
+        json_path.with_suffix(".md").read_text()
