@@ -385,6 +385,7 @@ def test_gradient_checkpointing_keeps_the_numbers_and_drops_activations(base_pat
         (outs[flag].logprobs.sum() + outs[flag].values.sum()).backward()
         grads[flag] = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
     assert saved[True] < saved[False] / 2
+    assert not any(m.training for m in policies[True].modules())   # eval mode outside forward
     for name in ("logprobs", "values", "entropy"):
         torch.testing.assert_close(getattr(outs[True], name), getattr(outs[False], name),
                                    atol=1e-6, rtol=0)

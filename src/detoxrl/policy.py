@@ -195,14 +195,13 @@ class Policy(nn.Module):
         ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
         under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
         """
-        for layer in self._checkpointed_layers:  # model.eval() elsewhere would unmark them
-            layer.training = True
-        if self.is_seq2seq:
-            logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
-                                                  response_mask, encoder_hidden)
-        else:
-            logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
-                                                 response_mask)
+        with self._checkpointing():
+            if self.is_seq2seq:
+                logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
+                                                      response_mask, encoder_hidden)
+            else:
+                logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
+                                                     response_mask)
         logits = logits.float()                                             # (B, T, V)
         if temperature != 1.0:
             logits = logits / temperature
@@ -214,6 +213,21 @@ class Policy(nn.Module):
             with torch.no_grad():
                 entropy = rl_math.entropy_from_logits(logits)
         return PolicyOutput(token_logprobs, values, entropy)
+
+    @contextmanager
+    def _checkpointing(self):
+        """Mark the checkpointed layers as training for one forward (see above).
+
+        The backward pass replays the layers' inner forward, which reads no flag, so the
+        flags can go back at once and nothing else (generation) ever sees them set.
+        """
+        for layer in self._checkpointed_layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in self._checkpointed_layers:
+                layer.training = False
 
     def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask,
                         encoder_hidden=None):
