@@ -129,8 +129,9 @@ class PPOTrainer:
         dropped; the reference needs its own, as the adapter also changes the encoder.
         """
         t = self.cfg.generation.temperature
+        logprobs, ref_logprobs, values = (torch.zeros_like(batch.response_mask, dtype=torch.float)
+                                          for _ in range(3))                           # (B, T)
         order = batch.query_mask.sum(1).argsort(descending=True).cpu()
-        chunks = []
         for idx in order.split(self.cfg.ppo.local_mini_batch_size):
             mb = batch.select(idx)
             with self._autocast():
@@ -139,13 +140,13 @@ class PPOTrainer:
                 with self.policy.reference():
                     ref = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
                                       mb.response_mask, t, with_values=False)
-            chunks.append((out.logprobs, ref.logprobs, out.values))
-        width, mask = batch.response_ids.shape[1], batch.response_mask.float()
-        logprobs, ref_logprobs, values = (
-            _unsort([_pad_right(c[i].float(), width - c[i].shape[1]) for c in chunks], order)
-            * mask for i in range(3))
-        return replace(batch, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                       encoder_hidden=None)
+            rows, width = idx.to(logprobs.device), mb.response_ids.shape[1]
+            logprobs[rows, :width] = out.logprobs.float()
+            ref_logprobs[rows, :width] = ref.logprobs.float()
+            values[rows, :width] = out.values.float()
+        mask = batch.response_mask.float()
+        return replace(batch, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
+                       values=values * mask, encoder_hidden=None)
 
     # ------------------------------------------------------------------ 4. rewards
     def shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor]:
@@ -281,16 +282,6 @@ class PPOTrainer:
 def _global_masked_mean(accelerator, x: Tensor, mask: Tensor) -> Tensor:
     mean, _, _ = dist.global_masked_moments(accelerator, x, mask)
     return mean
-
-
-def _unsort(chunks: list[Tensor], order: Tensor) -> Tensor:
-    """Rows computed in ``order``, put back in batch order."""
-    sorted_rows = torch.cat(chunks)
-    return sorted_rows[torch.argsort(order).to(sorted_rows.device)]
-
-
-def _pad_right(x: Tensor, pad: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
 def _scheduler_state(scheduler) -> dict | None:
