@@ -32,14 +32,10 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 def run(shape_name: str) -> None:
     import ppo_modes
     import ppo_step
-    from ppo_models import data_file, load_prompts, prepare_shape
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = ppo_step.parse_args(["--shape", shape_name, "--warmup", "short", "--threads", "1"])
-    data_path, _ = data_file(None)
-    shape = prepare_shape(shape_name, data_path)
-    spec = ppo_step.make_spec(args, shape, load_prompts(shape, data_path, args.batch,
-                                                        args.prompt_tokens))
+    spec, _ = ppo_step.spec_from_args(args)
     ppo_modes.setup("detoxrl", spec)
     ppo_modes.step(-1, True)
     print(measured_step(ppo_modes))

@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def spec_from_args(args: argparse.Namespace) -> tuple[dict, str]:
+    """The workers' spec (models built on first use, prompts loaded) and the data source."""
+    data_path, data_source = data_file(args.data)
+    shape = prepare_shape(args.shape, data_path)
+    prompts = load_prompts(shape, data_path, args.batch, args.prompt_tokens)
+    return make_spec(args, shape, prompts), data_source
+
+
 def make_spec(args: argparse.Namespace, shape, prompts: dict) -> dict:
     short = args.warmup == "short"
     return {"shape": shape.name, "policy": shape.policy, "classifier": shape.classifier,
@@ -120,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
-    data_path, data_source = data_file(args.data)
-    shape = prepare_shape(args.shape, data_path)
-    prompts = load_prompts(shape, data_path, args.batch, args.prompt_tokens)
-    spec = make_spec(args, shape, prompts)
+    spec, data_source = spec_from_args(args)
     if args.malloc_threshold_mib:  # read by glibc when each worker starts
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_threshold_mib * 2**20)
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(2 * args.malloc_threshold_mib * 2**20)
