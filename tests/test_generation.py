@@ -219,6 +219,27 @@ def test_generate_keeps_given_queries_and_default_limit(eos_policy):
     assert rollout.response_ids.shape[1] <= 4
 
 
+def test_generate_k_samples_per_prompt_equals_repeated_prompts(eos_policy):
+    """K samples per prompt in one call: rows i*K..i*K+K-1 answer prompt i, exactly as
+    a batch holding each prompt K times would (same seed, same sampler)."""
+    k, limits = 3, [4, 9, 9, 9]
+    q, qm = encode(eos_policy, PROMPTS)
+    sampling = SamplingConfig(min_length=0)
+    torch.manual_seed(5)
+    grouped = eos_policy.generate(q, qm, sampling, limits, queries=list("abcd"),
+                                  num_return_sequences=k)
+    torch.manual_seed(5)
+    repeated = eos_policy.generate(q.repeat_interleave(k, 0), qm.repeat_interleave(k, 0),
+                                   sampling, [n for n in limits for _ in range(k)])
+    assert len(grouped) == 4 * k and grouped.queries == [c for c in "abcd" for _ in range(k)]
+    assert torch.equal(grouped.response_ids, repeated.response_ids)
+    assert torch.equal(grouped.response_mask, repeated.response_mask)
+    assert (grouped.response_mask[:k].sum(1) <= 4).all()            # prompt 0's own limit
+    assert len(set(grouped.responses[k:2 * k])) > 1                 # K draws, not K copies
+    with pytest.raises(Exception, match="num_return_sequences"):
+        eos_policy.generate(q, qm, sampling, limits, num_return_sequences=0)
+
+
 def test_generate_blocks_eos_before_min_length(eos_policy):
     q, qm = encode(eos_policy, PROMPTS * 2)
     seed, _ = first_seed(

@@ -268,10 +268,19 @@ class Policy(nn.Module):
     @torch.no_grad()
     def generate(self, query_ids: Tensor, query_mask: Tensor, sampling: SamplingConfig,
                  limits: list[int] | None = None, queries: list[str] | None = None,
-                 synced_gpus: bool = False) -> Rollout:
-        """One batched ``generate`` to the largest per-sample limit, each cut at its own."""
+                 synced_gpus: bool = False, num_return_sequences: int = 1) -> Rollout:
+        """One batched ``generate`` to the largest per-sample limit, each cut at its own.
+
+        With ``num_return_sequences=K`` every prompt is answered K times in the same call:
+        the rollout has B * K rows, prompt i's samples at rows i*K .. i*K + K-1, and
+        ``limits`` (one per prompt) and ``queries`` are repeated to match. The seq2seq
+        encoder still runs once per prompt.
+        """
         if limits is None:
             limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
+        k = num_return_sequences
+        if k < 1:
+            raise ConfigError(f"num_return_sequences must be at least 1, got {k}.")
         tok = self.tokenizer
         encoder_hidden, extra = None, {}
         if self.is_seq2seq:  # run the encoder here so that the old log-probs can reuse it
@@ -279,7 +288,14 @@ class Policy(nn.Module):
 
             encoder_hidden = self.model.get_encoder()(
                 input_ids=query_ids, attention_mask=query_mask).last_hidden_state  # (B, Q, H)
+            encoder_hidden = encoder_hidden.repeat_interleave(k, dim=0)          # (B*K, Q, H)
             extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
+        if k > 1:
+            query_ids = query_ids.repeat_interleave(k, dim=0)                    # (B*K, Q)
+            query_mask = query_mask.repeat_interleave(k, dim=0)
+            limits = [n for n in limits for _ in range(k)]
+            if queries is not None:
+                queries = [q for q in queries for _ in range(k)]
         sequences = self.model.generate(
             input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
             min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
