@@ -239,3 +239,16 @@ def test_collate_queries(side, ids, mask):
     assert got_ids.dtype == got_mask.dtype == torch.long
     assert got_ids.tolist() == ids
     assert got_mask.tolist() == mask
+
+
+def test_is_held_out_depends_on_the_text_alone():
+    from detoxrl.data import is_held_out
+
+    texts = [f"prompt number {i}" for i in range(2000)]
+    picked = [t for t in texts if is_held_out(t)]
+    assert 0.16 < len(picked) / len(texts) < 0.24                     # about 20%
+    assert picked == [t for t in reversed(texts) if is_held_out(t)][::-1]  # order-free
+    assert all(is_held_out(t, 1.0) for t in texts) and not any(is_held_out(t, 0.0) for t in texts)
+    assert set(t for t in texts if is_held_out(t, 0.1)) <= set(picked)  # nested fractions
+    with pytest.raises(ValueError):
+        is_held_out("x", 1.5)

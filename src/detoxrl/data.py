@@ -14,6 +14,7 @@ Problems a user can fix raise :class:`DataError` naming the fix; errors from ``d
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 import tempfile
@@ -332,6 +333,19 @@ def _split(prompts: Dataset, fraction: float, shuffle: bool, seed: int
 
 
 # --------------------------------------------------------------------------- batches
+
+def is_held_out(text: str, fraction: float = 0.2) -> bool:
+    """Whether a prompt belongs to the evaluation set that no training stage may see.
+
+    The rule depends on the text alone (its SHA-256), not on a seed, file order or row
+    count, so every stage (the LM's training text, the RL prompts, the evaluation) agrees
+    on it whichever copy of the data it reads and however the rows are filtered.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}.")
+    digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return digest < fraction * 2**64
+
 
 def collate_queries(input_ids: list[list[int]], pad_token_id: int, padding_side: str
                     ) -> tuple[Tensor, Tensor]:
