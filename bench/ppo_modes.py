@@ -5,8 +5,8 @@
 * ``tutorial``: the tutorial's TRL loop without TRL: one ``generate`` per prompt, one
   pipeline call for the rewards, a full frozen copy of the base model for the reference
   log-probs, forward passes and PPO updates in mini-batches of 4.
-* ``bare``: one batched ``model.generate`` on a plain transformers model (no detoxrl, no
-  peft): the floor for the rollout phase.
+* ``floor``: each phase's computation done bare with plain transformers/peft calls
+  (``ppo_floor.py``): the floor of the step, phase by phase.
 
 A worker keeps its mode in ``_STATE`` between calls: ``setup`` once, ``step`` per step,
 ``finish`` at the end for memory figures.
@@ -58,7 +58,7 @@ def setup(mode: str, spec: dict) -> dict:
 
 
 def step(index: int, warmup: bool) -> dict:
-    """One PPO step (only its rollout for ``bare`` or with ``rollout_only``): wall and CPU
+    """One PPO step (only its rollout with ``rollout_only``): wall and CPU
     seconds per phase, peak RSS per phase, and the number of generated tokens."""
     spec = _STATE["spec"]
     rows = spec["warmup_rows"] if warmup else spec["batch"]
@@ -91,7 +91,11 @@ def _runner_class(mode: str):
         from ppo_tutorial import TutorialRunner  # it imports this module's helpers
 
         return TutorialRunner
-    return {"detoxrl": DetoxRunner, "bare": BareRunner}[mode]
+    if mode == "floor":
+        from ppo_floor import FloorRunner
+
+        return FloorRunner
+    return DetoxRunner
 
 
 # --------------------------------------------------------------------------- memory
@@ -281,7 +285,7 @@ def train_config(spec: dict):
     return cfg.finalize(1)
 
 
-# --------------------------------------------------------------------------- bare generate
+# --------------------------------------------------------------------------- loading
 
 def load_lm(path: str, is_seq2seq: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -299,33 +303,3 @@ def sampling_kwargs(tokenizer, new_tokens: int) -> dict:
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": True,
             "top_k": 0, "top_p": 1.0, "temperature": TEMPERATURE,
             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-
-
-class BareRunner:
-    """One batched ``generate`` on the plain transformers model: the rollout floor."""
-
-    def __init__(self, spec: dict):
-        from transformers import AutoTokenizer
-
-        self.model = load_lm(spec["policy"], spec["is_seq2seq"])
-        self.tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
-        self.side = "right" if spec["is_seq2seq"] else "left"
-
-    def parameter_counts(self) -> dict:
-        return {"policy": param_counts(self.model)}
-
-    @torch.no_grad()
-    def step(self, prompts: dict, new_tokens: int, seed: int) -> dict:
-        from detoxrl.data import collate_queries
-
-        ids, mask = collate_queries(prompts["input_ids"], self.tokenizer.pad_token_id,
-                                    self.side)
-        torch.manual_seed(seed)
-        phases = Phases()
-        with phases("rollout"):
-            out = self.model.generate(input_ids=ids.to(self.model.device),
-                                      attention_mask=mask.to(self.model.device),
-                                      **sampling_kwargs(self.tokenizer, new_tokens))
-        width = out.shape[1] - (1 if self.model.config.is_encoder_decoder else ids.shape[1])
-        return phases.result(width * ids.shape[0])
-

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Wall time and memory of one PPO step: detoxrl vs. the tutorial's loop vs. bare generate.
+"""Wall time and memory of one PPO step: detoxrl vs. the tutorial's loop vs. its floor.
 
     python bench/ppo_step.py --shape {tiny,flan-t5-base,gpt2} [--steps N] [--batch 16]
         [--new-tokens 64] [--out bench/results]
 
 Each mode runs in its own spawned worker process (so its peak RSS is its own); the workers
-take turns, one step each (detoxrl, tutorial, bare, then the reverse order), after one
-warm-up step each. Results: ``<out>/ppo_step-<shape>-<device>.json`` and ``.md``.
+take turns, one step each (detoxrl, tutorial, floor, then the reverse order), after one
+warm-up step each. The floor mode (ppo_floor.py) does each phase's computation bare,
+outside detoxrl; detoxrl's step and phases are reported as ratios to it.
+Results: ``<out>/ppo_step-<shape>-<device>.json`` and ``.md``.
 See bench/README.md for how to read them.
 """
 
@@ -28,7 +30,7 @@ import ppo_modes  # noqa: E402
 from ppo_models import SHAPES, data_file, load_prompts, prepare_shape  # noqa: E402
 from ppo_report import summarize, write_outputs  # noqa: E402
 
-MODES = ("detoxrl", "tutorial", "bare")
+MODES = ("detoxrl", "tutorial", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
