@@ -1,5 +1,11 @@
-"""``detoxrl demo``'s own parts: the held-out split of stage 0, the stage cache, the chain of
-stage keys, and the options. The stages that train models are tested by test_demo.py."""
+"""``detoxrl demo``: the held-out split of stage 0, the stage cache, the chain of stage keys,
+the options, and the stages end to end at tiny sizes.
+
+``test_rl_stage_trains_on_the_data_stage_output`` runs stage 0 and the real RL stage, with
+tiny models standing in for the reward and policy stages' outputs. ``test_quick_demo`` runs
+the whole reduced demo through the CLI on the shared data (skipped where it is absent) and
+checks that every stage's outputs exist and feed the next.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ from detoxrl.cli import main
 from detoxrl.data import is_held_out
 from detoxrl.demo import prompts
 from detoxrl.demo.cache import MARKER, RECORD, Stage, claim_output_dir, run_stage
-from detoxrl.demo.pipeline import _Paths, data_stage, rl_stage
-from detoxrl.demo.settings import DemoConfig
+from detoxrl.demo.pipeline import FOLDERS, _Paths, data_stage, rl_stage
+from detoxrl.demo.settings import QUICK, DemoConfig
 from detoxrl.errors import ConfigError, DataError
 
 
@@ -193,3 +199,95 @@ def test_demo_options(tmp_path, capsys):
     assert "--rl.KEY" in capsys.readouterr().err
     assert main(["demo", "--eval-prompts", "0", "--data-dir", str(tmp_path)]) == 2
     assert "--eval-prompts must be at least 1" in capsys.readouterr().err
+
+
+def test_rl_stage_trains_on_the_data_stage_output(tmp_path, tiny_gpt2_path,
+                                                  tiny_classifier_path):
+    cfg = DemoConfig(quick=True).finalize()
+    paths = _Paths((tmp_path / "demo").resolve(), write_rtp(tmp_path / "data").resolve())
+    data = run_stage(data_stage(cfg, paths), log=lambda _: None)
+    shutil.copytree(tiny_classifier_path, paths.folder("reward"))
+    shutil.copytree(tiny_gpt2_path, paths.folder("policy"))
+    stage = rl_stage(cfg, paths, QUICK["rl"], {"data": data.key}, quiet=True)
+    result = run_stage(stage, log=lambda _: None)
+    out = paths.folder("rl")
+    assert result.result["steps"] == 2 and not result.cached
+    for name in ("adapter_model.safetensors", "value_head.safetensors", "config.yaml",
+                 "metrics.jsonl", "samples.jsonl", RECORD):
+        assert (out / name).is_file(), name
+    saved = (out / "config.yaml").read_text()
+    assert str(paths.folder("policy")) in saved and str(paths.folder("reward")) in saved
+    queries = {json.loads(line)["query"] for line in (out / "samples.jsonl").open()}
+    trained_on = {json.loads(line)["prompt"]["text"]
+                  for line in (paths.folder("data") / "train.jsonl").open()}
+    assert queries and queries <= trained_on, "RL rolls out the data stage's prompts"
+    assert run_stage(stage, log=lambda _: None).cached
+
+
+@pytest.mark.slow
+def test_quick_demo(shared_data, tmp_path, capsys):
+    pytest.importorskip("detoxrl.reward_training")  # until the train-reward/sft branch lands
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--data-dir", str(shared_data), "--output-dir", str(out),
+            "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for name, folder in FOLDERS.items():
+        record = json.loads((out / folder / RECORD).read_text())
+        assert record["stage"] == name
+    assert (out / FOLDERS["reward"] / "config.json").is_file()
+    assert (out / FOLDERS["policy"] / "config.json").is_file()
+    assert (out / FOLDERS["rl"] / "adapter_model.safetensors").is_file()
+    for part in ("nontoxic", "toxic"):
+        assert (out / FOLDERS[f"eval-{part}"] / "summary.json").is_file()
+    assert (out / FOLDERS["report"] / "report.html").is_file()
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["seed"] == 0 and "torch" in summary["versions"]
+    assert summary["figures"]["nontoxic"] and "stage wall time" in printed
+    assert not any(s["cached"] for s in summary["stages"])
+    assert main(argv) == 0  # a second run finds every stage up to date
+    again = json.loads((out / "demo_summary.json").read_text())
+    assert all(s["cached"] for s in again["stages"])
+    assert main([*argv, "--rl.steps", "3"]) == 0  # a changed RL option rebuilds RL onwards
+    third = {s["name"]: s["cached"] for s in json.loads(
+        (out / "demo_summary.json").read_text())["stages"]}
+    assert third == {"data": True, "reward": True, "policy": True, "rl": False,
+                     "eval-nontoxic": False, "eval-toxic": False, "report": False}
+
+
+def _eval_folder(folder: Path, before: list[float], after: list[float]) -> Path:
+    from detoxrl.evaluation.stats import evaluation_summary
+
+    summary = evaluation_summary(
+        before, after, n_resamples=500,
+        quality_before={"perplexity": 20.0, "distinct_2": 0.8, "mean_length": 20.0},
+        quality_after={"perplexity": 24.0, "distinct_2": 0.78, "mean_length": 20.0})
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "generations.jsonl").write_text("".join(
+        json.dumps({"query": f"q{i} <b>", "before": "bad", "after": "good"}) + "\n"
+        for i in range(12)))
+    return folder
+
+
+def test_figures_table_and_report(tmp_path):
+    from detoxrl.demo.summary import figures, format_row, read_summary, write_report
+
+    before, after = [0.9, 0.8, 0.7, 0.9] * 10, [0.3, 0.2, 0.4, 0.1] * 10
+    for part in ("nontoxic", "toxic"):
+        _eval_folder(tmp_path / FOLDERS[f"eval-{part}"], before, after)
+    rows = {r["metric"]: r for r in figures(read_summary(tmp_path / FOLDERS["eval-toxic"]))}
+    tox = rows["toxicity"]
+    assert tox["before"] == pytest.approx(0.825) and tox["after"] == pytest.approx(0.25)
+    assert tox["relative"] == pytest.approx(0.25 / 0.825 - 1)
+    assert tox["ci_high"] < 0 and tox["verdict"] == "improved"
+    assert rows["perplexity"]["relative"] == pytest.approx(0.2)
+    assert rows["perplexity"]["ci_low"] is None
+    line = format_row(tox)
+    assert "0.825 → 0.250" in line and "-69.7%" in line and "CI [" in line
+    (tmp_path / "report").mkdir()
+    page = Path(write_report(tmp_path / "report", tmp_path, FOLDERS)["report"]).read_text()
+    assert page.count("<h3>Sample responses</h3>") == 2
+    assert page.count("q0 &lt;b&gt;") == 2 and "q10" not in page  # escaped; 10 shown
+    with pytest.raises(DataError, match=r"summary\.json"):
+        read_summary(tmp_path / "missing")
