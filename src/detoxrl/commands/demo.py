@@ -3,38 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from ..demo.settings import DemoConfig
 from ..errors import ConfigError
+from .evaluate import paragraphs
 
 STAGE_PREFIXES = ("reward", "policy", "rl")
+
+
+def _help(name: str) -> str:
+    """The option's one help text, from :class:`DemoConfig`."""
+    return next(f.metadata["help"] for f in dataclasses.fields(DemoConfig) if f.name == name)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to the ``detoxrl`` parser."""
     p = subparsers.add_parser(
         "demo", help="A real detoxification, offline: reward, LM, PPO, evaluation, report.",
-        description="Train a mini toxicity classifier on Dynabench and a mini LM on public "
-        "text, detoxify the LM with PPO on RealToxicityPrompts prompts, and evaluate it on "
-        "held-out prompts with an independent judge. Each stage is cached: a re-run skips "
-        "what is built and rebuilds what changed.",
+        description=paragraphs(
+            "Train a mini toxicity classifier on Dynabench and a mini LM on public text, "
+            "detoxify the LM with PPO on RealToxicityPrompts prompts, and evaluate it on "
+            "held-out prompts with an independent judge. Each stage is cached: a re-run "
+            "skips what is built and rebuilds what changed; --fresh rebuilds everything."),
         epilog="A stage's preset is overridden with dotted keys after its name, e.g.\n"
         "  detoxrl demo --rl.steps 80 --rl.ppo.init_kl_coef 0.05",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # a dotted override is never taken for a short option
     p.add_argument("--arch", choices=("causal", "seq2seq"), default="causal",
-                   help="Policy architecture (default causal; seq2seq is T5-shaped).")
+                   help=_help("arch"))
     p.add_argument("--data-dir", default="../shared/data", metavar="DIR",
-                   help="The public data folder (default ../shared/data).")
-    p.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="Where the stages go (default runs/demo, or runs/demo-seq2seq).")
+                   help=_help("data_dir"))
+    p.add_argument("--output-dir", default=None, metavar="DIR", help=_help("output_dir"))
     p.add_argument("--fresh", action="store_true", help="Rebuild every stage.")
-    p.add_argument("--quick", action="store_true", help="Tiny sizes and a few steps of "
-                   "every stage: checks the chain in about a minute, detoxifies nothing.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of every stage (default 0).")
+    p.add_argument("--quick", action="store_true", help=_help("quick"))
+    p.add_argument("--seed", type=int, default=0, help=_help("seed"))
     p.add_argument("--eval-prompts", type=int, default=None, metavar="N",
-                   help="Held-out prompts evaluated per set (default: all).")
+                   help=_help("eval_prompts"))
     p.add_argument("--samples-per-prompt", type=int, default=None, metavar="K",
-                   help="Samples per evaluation prompt (default 25).")
+                   help=_help("samples_per_prompt"))
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=run, accepts_overrides=True)
     return p
@@ -64,7 +71,6 @@ def stage_overrides(extra: list[str]) -> dict[str, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.pipeline import run_demo
-    from ..demo.settings import DemoConfig
 
     overrides = stage_overrides(args.overrides)
     cfg = DemoConfig(arch=args.arch, data_dir=args.data_dir, output_dir=args.output_dir,

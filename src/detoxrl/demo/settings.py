@@ -29,10 +29,11 @@ class DemoConfig:
                        "(T5-shaped, the tutorial's model class).")
     data_dir: str = option("../shared/data", "Folder with the public data (rtp/, "
                            "hate-speech/, ...); any copy of the shared data folder.")
-    output_dir: str | None = option(None, "Where the stages go; default runs/demo "
-                                    "(runs/demo-seq2seq, with -quick for --quick).")
+    output_dir: str | None = option(None, "Where the stages go; default runs/demo or "
+                                    "runs/demo-seq2seq (-quick added for --quick).")
     seed: int = option(0, "Seed of every stage.")
-    quick: bool = option(False, "Tiny sizes and a few steps of every stage (CI).")
+    quick: bool = option(False, "Tiny sizes and a few steps of every stage, for CI: checks "
+                         "that the stages chain, detoxifies nothing.")
     eval_prompts: int | None = option(None, "Held-out prompts evaluated per set (default: "
                                       "all of them).")
     samples_per_prompt: int | None = option(None, "Samples per evaluation prompt (default: "
