@@ -285,8 +285,14 @@ def test_figures_table_and_report(tmp_path):
     assert rows["perplexity"]["ci_low"] is None
     line = format_row(tox)
     assert "0.825 → 0.250" in line and "-69.7%" in line and "CI [" in line
+    (tmp_path / FOLDERS["rl"]).mkdir()
+    (tmp_path / FOLDERS["rl"] / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "env/reward_mean": s / 10}) + "\n" for s in (1, 2)))
     (tmp_path / "report").mkdir()
-    page = Path(write_report(tmp_path / "report", tmp_path, FOLDERS)["report"]).read_text()
+    written = write_report(tmp_path / "report", tmp_path, FOLDERS)
+    assert "data:image/png;base64" in Path(written["training"]).read_text()  # the curves
+    page = Path(written["report"]).read_text()
+    assert 'href="training.html"' in page
     assert page.count("<h3>Sample responses</h3>") == 2
     assert page.count("q0 &lt;b&gt;") == 2 and "q10" not in page  # escaped; 10 shown
     with pytest.raises(DataError, match=r"summary\.json"):

@@ -129,8 +129,13 @@ def versions() -> dict[str, str]:
 
 
 def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str, Any]:
-    """``report.html``: the before/after tables of both sets and sample responses."""
-    sections = []
+    """``report.html``: the before/after tables of both sets and sample responses; beside
+    it ``training.html``, the RL run's own report (curves, config)."""
+    from ..evaluation.report import build_report
+
+    training = build_report(root / folders["rl"], folder / "training.html")
+    sections = ['<p>Training curves and the RL config: <a href="training.html">'
+                "training.html</a>.</p>"]
     for part, title in SETS:
         eval_dir = root / folders[f"eval-{part}"]
         rows = figures(read_summary(eval_dir))
@@ -141,7 +146,7 @@ def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str,
             "<h1>detoxrl demo: before and after detoxification</h1>\n"
             + "\n".join(sections) + "\n</body>\n</html>\n")
     path = atomic_write_text(folder / "report.html", page)
-    return {"report": str(path)}
+    return {"report": str(path), "training": str(training)}
 
 
 def _figure_table(rows: list[dict[str, Any]]) -> str:
