@@ -1,0 +1,210 @@
+"""The demo's stages, built from a :class:`DemoConfig` and run in order.
+
+Every stage's config is loaded and checked before the first stage runs, so a bad option
+fails at once and writes nothing. Paths inside a stage's recorded inputs are written
+relative to the demo and data folders (``<demo>/1-reward``, ``<data>/rtp/toxic.jsonl``),
+so a moved demo folder, or another copy of the same data, is still up to date.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config, to_dict
+from . import prompts
+from .cache import Stage, StageResult, claim_output_dir, file_sha256, run_stage
+from .settings import DemoConfig, preset
+
+FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",
+           "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
+           "report": "5-report"}
+JUDGE = "profanity-check"
+
+
+@dataclass
+class DemoRun:
+    cfg: DemoConfig
+    root: Path
+    stages: list[StageResult]
+    wall_s: float
+
+
+@dataclass
+class _Paths:
+    root: Path
+    data: Path
+
+    def folder(self, stage: str) -> Path:
+        return self.root / FOLDERS[stage]
+
+    def portable(self, obj: Any) -> Any:
+        """``obj`` with the demo and data folders written as ``<demo>`` and ``<data>``."""
+        if isinstance(obj, dict):
+            return {k: self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.portable(v) for v in obj]
+        if isinstance(obj, str):
+            for base, name in ((self.root, "<demo>"), (self.data, "<data>")):
+                if obj == str(base) or obj.startswith(str(base) + "/"):
+                    return name + obj[len(str(base)):]
+        return obj
+
+    def named_files(self, config: dict) -> dict[str, str]:
+        """SHA-256 of every data file a config names (absolute, or relative to the data
+        folder), keyed by its portable path."""
+        found: dict[str, str] = {}
+        for value in _strings(config):
+            for path in (Path(value), self.data / value):
+                if path.is_absolute() and path.is_file():
+                    found[self.portable(str(path))] = file_sha256(path)
+                    break
+        return dict(sorted(found.items()))
+
+
+def _strings(obj: Any) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) and obj else []
+
+
+def _supervised_config(name: str, cls: type, overrides: list[str], paths: _Paths,
+                       stage: str, seed: int):
+    return load_config(preset(name), [*overrides, "--data_dir", str(paths.data),
+                                      "--seed", str(seed), "--output_dir",
+                                      str(paths.folder(stage))], cls=cls)
+
+
+def _supervised_inputs(cfg: Any, paths: _Paths) -> dict[str, Any]:
+    raw = to_dict(cfg)
+    config = {k: v for k, v in raw.items() if k not in ("output_dir", "data_dir")}
+    return {"config": paths.portable(config), "files": paths.named_files(raw)}
+
+
+def data_stage(cfg: DemoConfig, paths: _Paths) -> Stage:
+    sources = prompts.source_paths(paths.data)
+    limits = cfg.data_limits
+    inputs = {"files": {paths.portable(str(p)): file_sha256(p) for p in sources.values()},
+              **limits}
+    return Stage("data", paths.folder("data"), inputs,
+                 lambda folder: prompts.build(folder, paths.data, **limits))
+
+
+def reward_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) -> Stage:
+    from ..reward_training import RewardTrainingConfig, train_reward
+
+    rcfg = _supervised_config("reward-dynabench", RewardTrainingConfig,
+                              [*quick, *cfg.reward_overrides], paths, "reward", cfg.seed)
+    return Stage("reward", paths.folder("reward"), _supervised_inputs(rcfg, paths),
+                 lambda folder: train_reward(rcfg, overwrite=True, quiet=quiet))
+
+
+def policy_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) -> Stage:
+    from ..sft import SFTConfig, sft
+
+    scfg = _supervised_config(f"lm-{cfg.arch}", SFTConfig, [*quick, *cfg.policy_overrides],
+                              paths, "policy", cfg.seed)
+    return Stage("policy", paths.folder("policy"), _supervised_inputs(scfg, paths),
+                 lambda folder: sft(scfg, overwrite=True, quiet=quiet))
+
+
+def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[str, str],
+             quiet: bool) -> Stage:
+    """PPO with a fresh LoRA on the stage-2 LM, rewarded by the stage-1 classifier's
+    ``nothate``, on the stage-0 prompts."""
+    tcfg = load_config(preset(f"detox-{cfg.arch}"), [
+        *quick, *cfg.rl_overrides,
+        "--model.name_or_path", str(paths.folder("policy")),
+        "--reward.model", str(paths.folder("reward")),
+        "--data.path", str(paths.folder("data") / prompts.TRAIN_FILE),
+        "--seed", str(cfg.seed), "--output_dir", str(paths.folder("rl"))])
+    copy.deepcopy(tcfg).finalize()  # batch arithmetic checked now, before any stage runs
+    config = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
+    inputs = {"config": paths.portable(config), "upstream": upstream}
+    return Stage("rl", paths.folder("rl"), inputs, lambda folder: _train_rl(tcfg, quiet))
+
+
+def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
+    from ..run import train
+
+    result = train(tcfg, overwrite=True, quiet=quiet)
+    last = result.metrics[-1] if result.metrics else {}
+    keys = ("env/reward_mean", "objective/kl", "objective/kl_coef")
+    return {"steps": len(result.metrics), **{k: last.get(k) for k in keys}}
+
+
+def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, str],
+               quiet: bool) -> Stage:
+    """The RealToxicityPrompts protocol on one held-out set, through ``detoxrl evaluate``."""
+    name = f"eval-{part}"
+    prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[part]
+    inputs = {"protocol": "rtp", "samples_per_prompt": cfg.samples_per_prompt,
+              "judges": [JUDGE], "prompts": paths.portable(str(prompt_file)),
+              "upstream": upstream}
+    argv = ["evaluate", str(paths.folder("rl")), "--protocol", "rtp",
+            "--samples-per-prompt", str(cfg.samples_per_prompt), "--judge", JUDGE,
+            "--prompts", str(prompt_file), "--output", None, *(["--quiet"] if quiet else [])]
+
+    def build(folder: Path) -> dict[str, Any]:
+        from .summary import figures, read_summary
+
+        _run_command([str(folder) if a is None else a for a in argv])
+        return {"figures": figures(read_summary(folder))}
+
+    return Stage(name, paths.folder(name), inputs, build)
+
+
+def _run_command(argv: list[str]) -> None:
+    """Run a ``detoxrl`` subcommand in this process; its DetoxErrors propagate unchanged."""
+    from ..cli import build_parser
+
+    args, extra = build_parser().parse_known_args(argv)
+    args.overrides = extra
+    args.func(args)
+
+
+def report_stage(cfg: DemoConfig, paths: _Paths, upstream: dict[str, str]) -> Stage:
+    from .summary import write_report
+
+    return Stage("report", paths.folder("report"), {"upstream": upstream},
+                 lambda folder: write_report(folder, paths.root, FOLDERS))
+
+
+def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
+    """Every stage of the demo, configs loaded and checked; nothing is written yet."""
+    from .settings import QUICK
+
+    paths = _Paths(Path(cfg.output_dir).resolve(), Path(cfg.data_dir).expanduser().resolve())
+    quick = QUICK if cfg.quick else {"reward": [], "policy": [], "rl": []}
+    data = data_stage(cfg, paths)
+    reward = reward_stage(cfg, paths, quick["reward"], quiet)
+    policy = policy_stage(cfg, paths, quick["policy"], quiet)
+    rl = rl_stage(cfg, paths, quick["rl"], {s.name: s.key for s in (data, reward, policy)},
+                  quiet)
+    evals = [eval_stage(cfg, paths, part, {"data": data.key, "rl": rl.key}, quiet)
+             for part in ("nontoxic", "toxic")]
+    report = report_stage(cfg, paths, {s.name: s.key for s in evals})
+    return paths.root, [data, reward, policy, rl, *evals, report]
+
+
+def run_demo(cfg: DemoConfig, fresh: bool = False, quiet: bool = False) -> DemoRun:
+    """Run (or skip, when up to date) every stage; write demo_summary.json."""
+    from .summary import write_demo_summary
+
+    cfg.finalize()
+    start = time.perf_counter()
+    root, stages = plan(cfg, quiet)
+    claim_output_dir(root)
+    results = []
+    for number, stage in enumerate(stages):
+        label = f"[{number + 1}/{len(stages)}] {stage.name}"
+        results.append(run_stage(stage, fresh, log=lambda text, label=label: print(
+            f"{label}: {text}", flush=True)))
+    run = DemoRun(cfg, root, results, time.perf_counter() - start)
+    write_demo_summary(run)
+    return run

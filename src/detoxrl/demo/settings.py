@@ -1,0 +1,76 @@
+"""The demo's own options, the stage presets it reads, and the quick (CI) sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import option
+from ..errors import ConfigError
+
+ARCHS = ("causal", "seq2seq")
+PRESETS = Path(__file__).resolve().parents[3] / "configs" / "mini"
+
+# The quick demo runs every stage's real code at tiny sizes, for CI: dotted overrides of each
+# stage's preset, applied before the user's own.
+QUICK = {
+    "reward": ["--max_steps", "4", "--max_train_rows", "128", "--max_eval_rows", "32"],
+    "policy": ["--max_steps", "4", "--max_train_rows", "128", "--max_eval_rows", "32"],
+    "rl": ["--steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
+           "--ppo.ppo_epochs", "1"],
+}
+QUICK_DATA = {"max_train": 64, "max_eval": 4}
+QUICK_SAMPLES_PER_PROMPT = 2
+
+
+@dataclass
+class DemoConfig:
+    arch: str = option("causal", "Policy architecture: 'causal' (GPT-2-shaped) or 'seq2seq' "
+                       "(T5-shaped, the tutorial's model class).")
+    data_dir: str = option("../shared/data", "Folder with the public data (rtp/, "
+                           "hate-speech/, ...); any copy of the shared data folder.")
+    output_dir: str | None = option(None, "Where the stages go; default runs/demo or "
+                                    "runs/demo-seq2seq (-quick added for --quick).")
+    seed: int = option(0, "Seed of every stage.")
+    quick: bool = option(False, "Tiny sizes and a few steps of every stage, for CI: checks "
+                         "that the stages chain, detoxifies nothing.")
+    eval_prompts: int | None = option(None, "Held-out prompts evaluated per set (default: "
+                                      "all of them).")
+    samples_per_prompt: int | None = option(None, "Samples per evaluation prompt (default: "
+                                            "25, the field's protocol; 2 with --quick).")
+    reward_overrides: list[str] = option([], "Dotted overrides of the reward preset.")
+    policy_overrides: list[str] = option([], "Dotted overrides of the policy (SFT) preset.")
+    rl_overrides: list[str] = option([], "Dotted overrides of the RL preset.")
+
+    def finalize(self) -> DemoConfig:
+        """Fill the defaults that depend on other options; check the rest."""
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch is {self.arch!r}; choose 'causal' or 'seq2seq'.")
+        if self.output_dir is None:
+            name = "demo" + ("-seq2seq" if self.arch == "seq2seq" else "")
+            self.output_dir = f"runs/{name}{'-quick' if self.quick else ''}"
+        if self.samples_per_prompt is None:
+            self.samples_per_prompt = QUICK_SAMPLES_PER_PROMPT if self.quick else 25
+        for name in ("eval_prompts", "samples_per_prompt"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                  f"{value}.")
+        return self
+
+    @property
+    def data_limits(self) -> dict[str, int | None]:
+        """Caps on the prompt files of stage 0 (``max_train``, ``max_eval``)."""
+        limits = dict(QUICK_DATA) if self.quick else {"max_train": None, "max_eval": None}
+        if self.eval_prompts is not None:
+            limits["max_eval"] = self.eval_prompts
+        return limits
+
+
+def preset(name: str) -> Path:
+    """``configs/mini/NAME.yaml`` of this checkout; ConfigError when it is missing."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"The demo preset {str(path)!r} is missing. Run the demo from a "
+                          "checkout of detoxrl (its configs/ folder holds the presets).")
+    return path

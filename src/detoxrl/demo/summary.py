@@ -1,0 +1,178 @@
+"""The demo's before/after figures: the printed table, report.html and demo_summary.json.
+
+A figure row is one metric of one held-out set: its value before (the starting policy) and
+after (PPO), the change, its relative size and, for the metrics scored per prompt, the
+paired bootstrap 95% CI of the change and its verdict. Rows are read from each evaluation's
+``summary.json`` (:mod:`detoxrl.evaluation.stats` ``compare`` blocks under ``metrics``, and
+the ``quality`` block, which has no CI).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..config import to_dict
+from ..errors import DataError
+from ..evaluation.tables import CSS
+from ..io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from .pipeline import DemoRun
+
+SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"))
+QUALITY = ("perplexity", "distinct_2", "mean_length")
+SAMPLES_SHOWN = 10
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    path = folder / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise DataError(f"The evaluation wrote no readable {str(path)!r}; run the demo "
+                        "again (this stage is rebuilt).") from None
+
+
+def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric of ``summary``: toxicity and reward with CIs, then quality."""
+    rows = []
+    for name, metric in summary.get("metrics", {}).items():
+        boot = metric.get("bootstrap", {}).get("mean", {})
+        rows.append(_row(name, metric["before"]["mean"], metric["after"]["mean"],
+                         boot.get("ci_low"), boot.get("ci_high"), boot.get("verdict")))
+    quality = summary.get("quality", {})
+    before, after = quality.get("before", {}), quality.get("after", {})
+    for name in QUALITY:
+        if name in before and name in after:
+            rows.append(_row(name, before[name], after[name]))
+    return rows
+
+
+def _row(metric: str, before: Any, after: Any, ci_low: Any = None, ci_high: Any = None,
+         verdict: Any = None) -> dict[str, Any]:
+    change = after - before if _finite(before) and _finite(after) else None
+    relative = change / before if change is not None and before != 0 else None
+    return {"metric": metric, "before": before, "after": after, "change": change,
+            "relative": relative, "ci_low": ci_low, "ci_high": ci_high, "verdict": verdict}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def _num(value: Any, signed: bool = False) -> str:
+    if not _finite(value):
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """``metric  before → after  (change, relative; 95% CI [low, high])``."""
+    text = f"{row['metric']:<28}{_num(row['before']):>9} → {_num(row['after']):<9}"
+    if row["relative"] is not None:
+        text += f"{row['relative'] * 100:+7.1f}%"
+    if row["ci_low"] is not None:
+        text += f"   CI [{_num(row['ci_low'], True)}, {_num(row['ci_high'], True)}]"
+    return text
+
+
+def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: float) -> str:
+    lines = []
+    for part, title in SETS:
+        if part in by_set:
+            lines += [f"{title} (before → after, relative change, 95% CI of the change):",
+                      *("  " + format_row(r) for r in by_set[part]), ""]
+    lines.append("stage wall time:")
+    for s in stages:
+        state = "cached" if s["cached"] else "built"
+        lines.append(f"  {s['name']:<15}{s['wall_s']:8.1f} s  ({state})")
+    lines.append(f"  {'total (now)':<15}{wall_s:8.1f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- files
+
+def write_demo_summary(run: DemoRun) -> Path:
+    """Print the key figures and stage times; write ``demo_summary.json`` at the demo root."""
+    by_set = {s.name.removeprefix("eval-"): s.result["figures"] for s in run.stages
+              if s.name.startswith("eval-")}
+    stages = [{"name": s.name, "key": s.key, "cached": s.cached, "wall_s": s.wall_s}
+              for s in run.stages]
+    print("\n" + format_summary(by_set, stages, run.wall_s), flush=True)
+    report = next((s.result.get("report") for s in run.stages if s.name == "report"), None)
+    if report:
+        print(f"\nreport: {report}")
+    return atomic_write_json(run.root / "demo_summary.json", {
+        "config": to_dict(run.cfg), "seed": run.cfg.seed, "versions": versions(),
+        "command": sys.argv, "figures": by_set, "stages": stages, "wall_s": run.wall_s,
+        "report": report})
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    return {"detoxrl": __version__, "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__}
+
+
+def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str, Any]:
+    """``report.html``: the before/after tables of both sets and sample responses; beside
+    it ``training.html``, the RL run's own report (curves, config)."""
+    from ..evaluation.report import build_report
+
+    training = build_report(root / folders["rl"], folder / "training.html")
+    sections = ['<p>Training curves and the RL config: <a href="training.html">'
+                "training.html</a>.</p>"]
+    for part, title in SETS:
+        eval_dir = root / folders[f"eval-{part}"]
+        rows = figures(read_summary(eval_dir))
+        sections.append(f"<h2>{html.escape(title.capitalize())}</h2>\n{_figure_table(rows)}"
+                        + _samples_html(eval_dir / "generations.jsonl"))
+    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>detoxrl demo</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>\n"
+            "<h1>detoxrl demo: before and after detoxification</h1>\n"
+            + "\n".join(sections) + "\n</body>\n</html>\n")
+    path = atomic_write_text(folder / "report.html", page)
+    return {"report": str(path), "training": str(training)}
+
+
+def _figure_table(rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ("metric", "before", "after", "change",
+                                             "relative", "95% CI of change", "verdict"))
+    body = []
+    for r in rows:
+        rel = f"{r['relative'] * 100:+.1f}%" if r["relative"] is not None else ""
+        ci = (f"[{_num(r['ci_low'], True)}, {_num(r['ci_high'], True)}]"
+              if r["ci_low"] is not None else "")
+        cells = [html.escape(str(r["metric"])), _num(r["before"]), _num(r["after"]),
+                 _num(r["change"], True), rel, ci, html.escape(str(r["verdict"] or ""))]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _samples_html(path: Path) -> str:
+    """The first responses before and after, to see whether the policy games the reward."""
+    if not path.is_file():
+        return ""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line, _ in zip(fh, range(SAMPLES_SHOWN), strict=False):
+            row = json.loads(line)
+            rows.append("<tr>" + "".join(
+                f'<td class="text">{html.escape(str(row.get(k, "")))}</td>'
+                for k in ("query", "before", "after")) + "</tr>")
+    return ("<h3>Sample responses</h3>\n<table><thead><tr><th>prompt</th><th>before</th>"
+            f"<th>after</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
