@@ -100,6 +100,10 @@ def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[i
     tok = fm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     limit = _max_positions(fm.model.config)
+    # An empty prompt still needs one token: the encoder needs an input, and a causal LM a
+    # context to predict the first response token from.
+    start = next(t for t in (tok.bos_token_id, tok.eos_token_id, pad) if t is not None)
+    contexts = [c or [start] for c in contexts]
     if fm.is_seq2seq:
         contexts = [c[-limit:] for c in contexts]
         q, qm = _pad_right(contexts, pad)
@@ -109,9 +113,7 @@ def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[i
                           labels=labels.to(device)).logits.float()         # (B, T, V)
         mask = tm
     else:
-        start = [tok.bos_token_id if tok.bos_token_id is not None else pad]
-        # A causal LM needs at least one context token to predict the first response token.
-        rows = [((c or start) + x)[-limit:] for c, x in zip(contexts, targets, strict=True)]
+        rows = [(c + x)[-limit:] for c, x in zip(contexts, targets, strict=True)]
         ids, am = _pad_right(rows, pad)
         n_target = [min(len(x), len(r) - 1) for x, r in zip(targets, rows, strict=True)]
         logits = fm.model(input_ids=ids.to(device), attention_mask=am.to(device)
