@@ -128,30 +128,31 @@ def test_evaluate_is_deterministic(run_dir, evaluated, tmp_path):
                         "--config", str(run_dir / "config.yaml"), "--adapter", str(run_dir),
                         *EVAL_ARGS, "--output", str(out), "--judge", "tiny:roberta-hate",
                         "--score-on", "query+response")
-    assert code == 0 and "judge toxicity" in printed and "report:" not in printed
+    assert code == 0 and "judge tiny roberta-hate" in printed and "report:" not in printed
     first = read_jsonl(run_dir / "eval" / "generations.jsonl")
     second = read_jsonl(out / "generations.jsonl")
     keys = ("id", "before", "after", "reward_before", "reward_after", "kl")
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["score_on"] == "query+response"
-    judge, tox = summary["metrics"]["judge_toxicity"], summary["metrics"]["toxicity"]
+    judge, tox = summary["metrics"]["judge:tiny:roberta-hate"], summary["metrics"]["toxicity"]
     assert judge["before"]["mean"] == pytest.approx(tox["before"]["mean"])
-    assert [r["judge_toxicity_after"] for r in second] == pytest.approx(
+    assert [r["judge:tiny:roberta-hate_after"] for r in second] == pytest.approx(
         [r["toxicity_after"] for r in second])
 
 
 def test_greedy_ignores_the_seed(run_dir, cache):
-    from detoxrl.evaluation import runner
+    from detoxrl.evaluation import setup
+    from detoxrl.evaluation.sampling import generate_before_after
 
-    tgt = runner.resolve_target(str(run_dir), None, None)
-    opts = runner.EvalOptions(greedy=True, max_new_tokens=MAX_NEW)
-    sampling, max_new, _, kl_t = runner.eval_sampling(tgt.cfg, opts)
-    assert not sampling.do_sample and kl_t == 1.0
-    policy = runner.load_policy(tgt, torch.device("cpu"))
-    rows = runner.first_prompts(runner.held_out_prompts(tgt.cfg, policy.tokenizer), 4)
-    a, b = (runner.generate_before_after(policy, rows, sampling, max_new, 4, seed, kl_t,
-                                         progress=False) for seed in (0, 123))
+    tgt = setup.resolve_target(str(run_dir), None, None)
+    opts = setup.EvalOptions(greedy=True, max_new_tokens=MAX_NEW)
+    dec = setup.eval_sampling(tgt.cfg, opts)
+    assert not dec.sampling.do_sample and dec.kl_temperature == 1.0
+    policy = setup.load_policy(tgt, torch.device("cpu"))
+    rows = setup.first_prompts(setup.held_out_prompts(tgt.cfg, policy.tokenizer), 4)
+    a, b = (generate_before_after(policy, rows, dec.sampling, dec.max_new_tokens, 4, seed,
+                                  dec.kl_temperature, progress=False) for seed in (0, 123))
     assert (a.before, a.after, a.kl) == (b.before, b.after, b.kl)
     assert len(a.kl) == 4 and all(0 < n <= MAX_NEW for n in a.tokens_after)
 
@@ -160,7 +161,7 @@ def test_before_is_the_starting_policy(run_dir, evaluated, cache):
     """The reference responses equal ``generate`` on the bare base model, batch by batch."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from detoxrl.evaluation.runner import first_prompts, held_out_prompts
+    from detoxrl.evaluation.setup import first_prompts, held_out_prompts
 
     cfg = load_config(run_dir / "config.yaml")
     path = tiny.resolve(cfg.model.name_or_path)
@@ -203,9 +204,184 @@ def test_compare_writes_sorted_tables_and_report(run_dir, evaluated):
     assert code == 0 and "Reused" not in printed
     with (ev / "compare.csv").open(newline="") as fh:
         fresh = list(csv.DictReader(fh))
-    assert fresh == reused
+    # The same responses in the same order. The rewards agree to float noise only: a
+    # classifier's score moves in the last bits with its batch's padding and size, and
+    # evaluate scored 16 prompts per call where compare scores 8.
+    text = ("query", "response_before", "response_after")
+    assert [[r[k] for k in text] for r in fresh] == [[r[k] for k in text] for r in reused]
+    for key in ("reward_before", "reward_after", "reward_diff"):
+        assert [float(r[key]) for r in fresh] == pytest.approx(
+            [float(r[key]) for r in reused], abs=1e-5)
+    # An unchanged response is scored once, so its reward gain is exactly 0 (before the
+    # fix, before and after were scored in different batches and differed by ~1e-7,
+    # which reordered the table's ties).
+    for r in fresh + reused:
+        if r["response_before"] == r["response_after"]:
+            assert float(r["reward_diff"]) == 0.0
     html = (run_dir / "report.html").read_text()
     assert "Responses before and after" in html and "reward_diff" in html
+
+
+# --------------------------------------------------------------------------- the papers' protocol
+
+K = 4
+MEASURES = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")
+
+
+@pytest.fixture
+def judge_module(tmp_path, monkeypatch) -> str:
+    """A callable judge: toxicity = the share of words that are 'not' or 'no'."""
+    (tmp_path / "word_judge.py").write_text(
+        "def score(texts):\n"
+        "    return [sum(w in ('not', 'no') for w in t.split()) / max(1, len(t.split()))\n"
+        "            for t in texts]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "word_judge:score"
+
+
+def check_protocol(out: Path, n: int, judges: list[str]) -> dict:
+    """The summary's protocol block and generations.jsonl agree with the measures'
+    definitions, recomputed here from the per-sample rows."""
+    summary = json.loads((out / "summary.json").read_text())
+    proto = summary["protocol"]
+    assert (proto["samples_per_prompt"], proto["n_prompts"]) == (K, n)
+    assert list(proto["toxicity"]) == ["reward_classifier", *judges]
+    assert proto["toxicity"]["reward_classifier"]["role"] == "reward classifier"
+    rows = read_jsonl(out / "generations.jsonl")
+    assert len(rows) == n * K and [r["sample"] for r in rows[:K]] == list(range(K))
+    assert len({r["id"] for r in rows}) == n
+    for key, info in proto["toxicity"].items():
+        column = "toxicity" if key == "reward_classifier" else f"judge:{key}"
+        for side in ("before", "after"):
+            m = np.array([r[f"{column}_{side}"] for r in rows]).reshape(n, K)
+            got = info["measures"]
+            assert got["expected_max_toxicity"][side] == pytest.approx(m.max(1).mean())
+            assert got["toxicity_probability"][side] == pytest.approx((m >= 0.5).any(1).mean())
+            assert got["average_toxicity"][side] == pytest.approx(m.mean())
+        for name in MEASURES:
+            assert info["measures"][name]["ci_low"] <= info["measures"][name]["ci_high"]
+    for side in ("before", "after"):
+        ppl = [r[f"perplexity_{side}"] for r in rows if r[f"tokens_{side}"] > 0]
+        assert all(p > 1 for p in ppl) and proto["fluency"]["perplexity"][side] > 1
+        texts = [[r[side] for r in rows[i * K:(i + 1) * K]] for i in range(n)]
+        words = [[w for t in ts for w in t.split()] for ts in texts]
+        dist1 = np.mean([len(set(w)) / len(w) if w else 0 for w in words])
+        assert proto["diversity"]["distinct_1"][side] == pytest.approx(dist1)
+    return summary
+
+
+def test_evaluate_k_samples_seq2seq_with_judges(run_dir, judge_module, tmp_path):
+    out = tmp_path / "k4"
+    code, printed = cli("evaluate", str(run_dir), "--n", "6", "--batch-size", "3",
+                        "--max-new-tokens", str(MAX_NEW), "--bootstrap", "500", "--quiet",
+                        "--samples-per-prompt", str(K), "--judge", judge_module,
+                        "--judge", "profanity-check", "--output", str(out))
+    assert code == 0
+    summary = check_protocol(out, 6, [judge_module, "profanity-check"])
+    assert summary["protocol"]["fluency"]["reference"] is True
+    assert "reference policy (adapter off)" in printed
+    assert "Reward classifier tiny:roberta-hate" in printed and "not an independent" in printed
+    assert "Judge profanity-check" in printed and "Exp. max tox." in printed
+    settings = summary["settings"]
+    assert settings["samples_per_prompt"] == K and settings["output"] == str(out.resolve())
+    assert settings["judges"] == [judge_module, "profanity-check"]
+    # The trained adapter changed some samples, drawn with the reference's seeds.
+    rows = read_jsonl(out / "generations.jsonl")
+    assert any(r["before"] != r["after"] for r in rows)
+    assert any(r["before"] == r["after"] for r in rows)
+
+
+def causal_run(root: Path, rtp_file: Path) -> Path:
+    """A run folder for the tiny GPT-2 with a fresh (zero) adapter: after == before."""
+    import yaml
+
+    from detoxrl.policy import Policy
+
+    run = root / "gpt2-run"
+    cfg_text = (ROOT / "configs" / "tiny.yaml").read_text().replace("tiny:t5", "tiny:gpt2")
+    cfg = yaml.safe_load(cfg_text)
+    cfg["data"] = {"path": str(rtp_file), "kind": "rtp", "test_fraction": 0.5}
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_config(run / "config.yaml")
+    Policy.from_pretrained(loaded.model, loaded.lora).save(run)
+    return run
+
+
+def write_rtp(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": {"text": t, "toxicity": 0.9}}) + "\n"
+                            for t in texts))
+    return path
+
+
+def test_evaluate_k_samples_causal_on_a_prompt_file(tmp_path, judge_module, cache):
+    train_texts = [f"Prompt number {i} says that the meeting" for i in range(8)]
+    run = causal_run(tmp_path, write_rtp(tmp_path / "train.jsonl", train_texts))
+    prompts = write_rtp(tmp_path / "toxic.jsonl", ["You are not", "I can't stand",
+                                                   "Did you hear", "We should"])
+    out = tmp_path / "eval-toxic"
+    code, printed = cli("evaluate", str(run), "--protocol", "rtp", "--n", "all",
+                        "--max-new-tokens", "6", "--samples-per-prompt", str(K),
+                        "--bootstrap", "300", "--quiet", "--judge", "profanity-check",
+                        "--judge", judge_module, "--prompts", str(prompts),
+                        "--output", str(out), "--fluency-model", "tiny:gpt2")
+    assert code == 0, printed
+    summary = check_protocol(out, 4, ["profanity-check", judge_module])
+    s = summary["settings"]
+    assert s["prompts"]["source"] == "file" and s["prompts"]["path"] == str(prompts.resolve())
+    assert s["protocol"] == "rtp" and s["max_new_tokens"] == 6  # explicit wins
+    assert (s["sampling"]["top_p"], s["sampling"]["top_k"]) == (0.9, 0)
+    assert summary["protocol"]["fluency"]["model"] == "tiny:gpt2"
+    assert {r["query"] for r in read_jsonl(out / "generations.jsonl")} == {
+        "You are not", "I can't stand", "Did you hear", "We should"}
+    # A zero adapter is the reference itself: every measure is unchanged, exactly.
+    for info in summary["protocol"]["toxicity"].values():
+        for m in info["measures"].values():
+            assert m["before"] == m["after"] and m["verdict"] == NO_CHANGE
+
+
+def test_report_shows_the_papers_table(run_dir, judge_module):
+    code, _ = cli("evaluate", str(run_dir), "--n", "4", "--batch-size", "4",
+                  "--max-new-tokens", str(MAX_NEW), "--bootstrap", "200", "--quiet",
+                  "--samples-per-prompt", "2", "--judge", "profanity-check")
+    assert code == 0
+    html = (run_dir / "report.html").read_text()
+    assert "RealToxicityPrompts protocol" in html and "Judge profanity-check" in html
+    for column in ("Exp. max tox.", "Tox. prob.", "Avg. tox.", "PPL", "Dist-1", "Dist-3"):
+        assert f"<th>{column}</th>" in html
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples-per-prompt", "0"], "--samples-per-prompt must be at least 1"),
+    (["--judge", "no_such_module:score"], "Cannot load the judge"),
+    (["--judge", "tiny:roberta-hate@toxic"], "no label named 'toxic'"),
+    (["--fluency-model", "/no/such/model"], "Cannot load the fluency model"),
+])
+def test_bad_evaluation_input_exits_2_and_writes_nothing(run_dir, tmp_path, capsys, args,
+                                                         message):
+    out = tmp_path / "never"
+    code = main(["evaluate", str(run_dir), "--n", "2", "--quiet", "--output", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_fluency_tokenizer_that_cannot_encode_exits_2(run_dir, tmp_path, capsys, cache):
+    """A fluency model whose word-level vocabulary lacks the responses' words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "the": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    lm = tmp_path / "word-lm"
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>"
+                            ).save_pretrained(lm)
+    AutoModelForCausalLM.from_pretrained(tiny.resolve("tiny:gpt2")).save_pretrained(lm)
+    out = tmp_path / "never"
+    code = main(["evaluate", str(run_dir), "--n", "2", "--quiet", "--max-new-tokens", "4",
+                 "--output", str(out), "--fluency-model", str(lm)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot encode" in err and not out.exists()
 
 
 def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
