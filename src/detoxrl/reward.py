@@ -114,20 +114,28 @@ class ClassifierReward:
         return self.label_scores(texts, self.toxic_label, "prob")
 
     def logits(self, texts: Sequence[str]) -> Tensor:
-        """All label logits, ``(N, num_labels)`` float32 on CPU, in the order of ``texts``."""
+        """All label logits, ``(N, num_labels)`` float32 on CPU, in the order of ``texts``;
+        equal texts get bit-identical rows."""
         texts = list(texts)
+        # Each distinct text is scored once. Padding and batch shape change the last bits of
+        # a score, so a text scored twice in different batches could differ from itself:
+        # an unchanged response would then show a (tiny) before/after difference.
+        unique = list(dict.fromkeys(texts))
+        where = {text: i for i, text in enumerate(unique)}
         # Allocated outside inference mode: callers may edit scores in place (penalties),
         # which PyTorch forbids on inference tensors.
-        out = torch.empty(len(texts), self.model.config.num_labels)
+        out = torch.empty(len(unique), self.model.config.num_labels)
         # Batching texts of similar length wastes less compute on padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            batch = self._encode([texts[i] for i in rows])
+            batch = self._encode([unique[i] for i in rows])
             with torch.inference_mode():
                 logits = self.model(**batch).logits
             out[rows] = logits.float().cpu()
-        return out
+        if len(unique) == len(texts):
+            return out
+        return out[torch.tensor([where[text] for text in texts], dtype=torch.long)]
 
     def _encode(self, texts: list[str]) -> dict[str, Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,

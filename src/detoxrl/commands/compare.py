@@ -10,6 +10,7 @@ settings for at least N prompts, its first N rows are used as they are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from .evaluate import RUN_DIR_HELP, add_common_arguments, options, paragraphs, target, usage
@@ -58,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
 def comparison(tgt, opts, reuse: bool = True):
     """Rows of the table (written to ``compare.{csv,md,html}``) and whether evaluate's
     generations were reused."""
-    from ..evaluation import runner
+    from ..evaluation import setup
     from ..evaluation.tables import comparison_rows, write_csv, write_html, write_markdown
 
-    runner.check_options(opts)
+    opts = dataclasses.replace(opts, samples_per_prompt=1)  # the table has one row per prompt
+    setup.check_options(opts)
     found = reusable_generations(tgt, opts) if reuse else None
     reused = found is not None
     if found is None:
@@ -78,23 +80,25 @@ def comparison(tgt, opts, reuse: bool = True):
 
 def _generate(tgt, opts):
     """Before/after responses and their rewards, by evaluate's generation loop."""
-    from ..evaluation import runner
+    from ..evaluation import runner, setup
+    from ..evaluation.sampling import generate_before_after
+    from ..evaluation.scoring import score_generations, scoring_jobs
 
-    cfg, device = tgt.cfg, runner.device_for(opts)
-    sampling, max_new, seed, _ = runner.eval_sampling(cfg, opts)
+    cfg, device = tgt.cfg, setup.device_for(opts)
+    dec = setup.eval_sampling(cfg, opts)
     reward, _ = runner.load_classifiers(cfg, opts, device, toxicity=False)
-    policy = runner.load_policy(tgt, device)
-    rows = runner.first_prompts(runner.held_out_prompts(cfg, policy.tokenizer), opts.n)
-    gen = runner.generate_before_after(policy, rows, sampling, max_new, opts.batch_size, seed,
-                                       progress=opts.progress)
-    jobs = runner.scoring_jobs(reward, None, opts.score_on, with_toxicity=False)
-    return gen, runner.score_generations(gen, jobs, opts.progress)
+    policy = setup.load_policy(tgt, device)
+    rows = setup.first_prompts(setup.eval_prompts(cfg, opts, policy.tokenizer), opts.n)
+    gen = generate_before_after(policy, rows, dec.sampling, dec.max_new_tokens,
+                                opts.batch_size, dec.seed, progress=opts.progress)
+    jobs = scoring_jobs(reward, None, opts.score_on, with_toxicity=False)
+    return gen, score_generations(gen, jobs, opts.progress)
 
 
 def reusable_generations(tgt, opts):
     """evaluate's first ``opts.n`` rows (queries, before, after, rewards before and after)
     when its summary.json records the same generation settings; else None."""
-    from ..evaluation import runner
+    from ..evaluation import setup
 
     summary_path = tgt.out_dir / "summary.json"
     gen_path = tgt.out_dir / "generations.jsonl"
@@ -108,8 +112,8 @@ def reusable_generations(tgt, opts):
         return None
     if not isinstance(old.get("test_prompts"), int):
         return None
-    new = runner.settings(tgt, opts, n_test=old["test_prompts"])
-    if any(old.get(k) != new[k] for k in runner.GENERATION_KEYS) or len(rows) < new["n"]:
+    new = setup.settings(tgt, opts, n_available=old["test_prompts"])
+    if any(old.get(k) != new[k] for k in setup.GENERATION_KEYS) or len(rows) < new["n"]:
         return None
     rows = rows[:new["n"]]
     try:

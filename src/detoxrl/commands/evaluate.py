@@ -83,7 +83,10 @@ def add_common_arguments(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="Prompts per generate call (default 16). Results depend on it.")
     p.add_argument("--output", metavar="DIR", help="Where results go (default: RUN_DIR/eval, "
                    "or ADAPTER/eval with --adapter); the report beside it is rebuilt when "
-                   "the folder is named eval.")
+                   "the folder is named eval. Use one folder per prompt set.")
+    p.add_argument("--prompts", metavar="FILE", help="Evaluate every prompt of FILE (read "
+                   "with the run's data recipe, data.kind; no split, no toxicity filter) "
+                   "instead of the run's held-out test split.")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if "
                    "available).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -95,14 +98,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         "evaluate", help="Measure toxicity before/after training on held-out prompts.",
         usage=usage("evaluate"),
         description=paragraphs(
-            "Generate responses to test prompts with the reference (starting) policy and with "
-            "the trained adapter (same prompts, same seeds), score their toxicity, reward and "
-            "quality, and report paired bootstrap confidence intervals. Writes summary.json, "
-            "toxicity.json and generations.jsonl, then rebuilds report.html.", RUN_DIR_HELP),
+            "Generate K responses per test prompt with the reference (starting) policy and with "
+            "the trained adapter (same prompts, same seeds), score their toxicity with the "
+            "reward classifier and every --judge, their perplexity and diversity, and report "
+            "the RealToxicityPrompts measures (expected maximum toxicity, toxicity "
+            "probability, average toxicity, perplexity, distinct-1/2/3) with paired "
+            "bootstrap confidence intervals over prompts. Writes summary.json, toxicity.json "
+            "and generations.jsonl, then rebuilds report.html.", RUN_DIR_HELP),
         epilog="Run options are overridden with dotted keys, e.g.\n"
         "  detoxrl evaluate runs/detoxrl --n all --reward.model ./roberta-hate-speech-"
         "dynabench-r4-target\n  detoxrl evaluate runs/detoxrl --greedy --judge "
-        "./toxic-classifier --judge-label toxic",
+        "./toxic-classifier@toxic\n  detoxrl evaluate runs/rtp --protocol rtp --n 100 "
+        "--prompts rtp/toxic.jsonl --output runs/rtp/eval-toxic --judge profanity-check",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # a dotted override is never taken for a short option
     add_common_arguments(p, n_default=500)
@@ -110,10 +117,22 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="Toxicity of the response alone (default) or of query + response.")
     p.add_argument("--toxic-label", default="hate", metavar="LABEL",
                    help="The reward classifier's toxic label (default hate).")
-    p.add_argument("--judge", metavar="MODEL", help="A second classifier (Hub id or folder) "
-                   "scoring toxicity independently of the reward, to catch reward hacking.")
-    p.add_argument("--judge-label", default="hate", metavar="LABEL",
-                   help="The judge's toxic label (default hate).")
+    p.add_argument("--samples-per-prompt", type=int, default=None, metavar="K",
+                   help="Samples per prompt, all from one generate call (default 25 for "
+                   "data.kind rtp or --protocol rtp, else 1).")
+    p.add_argument("--protocol", choices=("rtp",), default=None, help="rtp: the "
+                   "RealToxicityPrompts decoding (top_p 0.9, top_k off, temperature 1, 20 new "
+                   "tokens, K = 25); explicit options still win.")
+    p.add_argument("--judge", action="append", default=[], metavar="SPEC", help="An "
+                   "independent toxicity judge, repeatable: 'profanity-check' (pip install "
+                   "\"detoxrl[judges]\"), a Python callable module:function (list of texts -> "
+                   "probabilities), or a classifier Hub id/folder, optionally MODEL@LABEL.")
+    p.add_argument("--judge-label", default=None, metavar="LABEL", help="The toxic label of "
+                   "classifier judges given without @LABEL (default: looked up by name: "
+                   "toxic, toxicity, hate, offensive, ...).")
+    p.add_argument("--fluency-model", default=None, metavar="MODEL", help="Causal LM or "
+                   "seq2seq model (Hub id or folder) for the perplexity of the responses given "
+                   "their prompts (default: the reference policy, adapter off).")
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="R",
                    help="Bootstrap resamples (default 10000).")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -122,19 +141,34 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def options(args: argparse.Namespace):
     """The runner's EvalOptions from parsed arguments."""
-    from ..evaluation.runner import EvalOptions
+    from ..evaluation.setup import EvalOptions
 
     return EvalOptions(
         n=args.n, seed=args.seed, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, score_on=getattr(args, "score_on", "response"),
-        toxic_label=getattr(args, "toxic_label", "hate"), judge=getattr(args, "judge", None),
-        judge_label=getattr(args, "judge_label", "hate"),
+        batch_size=args.batch_size, prompts=args.prompts,
+        samples_per_prompt=getattr(args, "samples_per_prompt", None),
+        protocol=getattr(args, "protocol", None),
+        explicit_generation=generation_overrides(args.overrides),
+        score_on=getattr(args, "score_on", "response"),
+        toxic_label=getattr(args, "toxic_label", "hate"), judges=getattr(args, "judge", []),
+        judge_label=getattr(args, "judge_label", None),
+        fluency_model=getattr(args, "fluency_model", None),
         n_resamples=getattr(args, "bootstrap", 10_000), device=args.device,
         progress=not args.quiet)
 
 
+def generation_overrides(extra: list[str]) -> frozenset[str]:
+    """The ``generation.*`` keys set on the command line (they win over --protocol)."""
+    keys = set()
+    for token in extra:
+        name = token.lstrip("-").split("=", 1)[0]
+        if token.startswith("--") and name.startswith("generation."):
+            keys.add(name.removeprefix("generation."))
+    return frozenset(keys)
+
+
 def target(args: argparse.Namespace):
-    from ..evaluation.runner import resolve_target
+    from ..evaluation.setup import resolve_target
 
     run_dir, overrides = split_run_dir(args.overrides)
     return resolve_target(run_dir, args.config, args.adapter, overrides, args.output)
@@ -198,17 +232,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The printed evaluation: toxicity, reward, judge, quality and KL."""
     s = summary.get("settings", {})
     conf = summary.get("confidence", 0.95)
-    head = (f"Evaluated {summary['n']} test prompts: reference (before) vs trained adapter "
-            f"(after); {s.get('decoding', '?')}, max {s.get('max_new_tokens', '?')} new tokens, "
-            f"seed {s.get('seed', '?')}.")
+    source = s.get("prompts", {})
+    where = f"prompts of {source['path']}" if source.get("path") else "test prompts"
+    head = (f"Evaluated {summary['n']} {where}, {s.get('samples_per_prompt', 1)} samples "
+            f"each: reference (before) vs trained adapter (after); {s.get('decoding', '?')}, "
+            f"max {s.get('max_new_tokens', '?')} new tokens, seed {s.get('seed', '?')}.")
     reward = s.get("reward", {})
     lines = [head, f"toxicity = P({summary.get('toxic_label')}) by {reward.get('model')} on "
              f"the {s.get('score_on', 'response')}; reward = {reward.get('output')} of "
              f"{reward.get('label')!r} on the {reward.get('score_on')}.", ""]
-    names = {"toxicity": "toxicity", "reward": "reward", "judge_toxicity": "judge toxicity"}
     for key, metric in summary.get("metrics", {}).items():
-        lines += [*metric_lines(names.get(key, key), metric, conf), ""]
+        lines += [*metric_lines(key.replace(":", " "), metric, conf), ""]
     lines += quality_lines(summary)
+    if summary.get("protocol"):
+        from ..evaluation.protocol_table import text_tables
+
+        lines += ["", text_tables(summary["protocol"])]
     return "\n".join(lines).rstrip()
 
 

@@ -58,7 +58,8 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
            "reward": {... same, "lower_is_better": false}},
          "quality": {"before": {"rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2",
                                 "mean_length"}, "after": {...}},
-         "kl": {"mean": nats, "std": nats}}   # per-response KL(tuned || reference)
+         "kl": {"mean": nats, "std": nats},   # per-response KL(tuned || reference)
+         "protocol": {...}}   # the papers' table; layout in detoxrl.evaluation.runner
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -211,8 +212,13 @@ def _summary_html(summary: dict[str, Any]) -> str:
     header = (f"<p>{_fmt(summary.get('n'))} prompts; {_fmt(conf * 100, 3)}% paired bootstrap "
               f"intervals ({_fmt(summary.get('n_resamples'))} resamples) of after − before. "
               f"Toxic label: {_fmt(summary.get('toxic_label'))}.</p>")
-    parts = [header, _settings_html(summary.get("settings")),
-             _metrics_table(summary.get("metrics") or {})]
+    parts = [header, _settings_html(summary.get("settings"))]
+    if summary.get("protocol"):
+        from .protocol_table import html_tables
+
+        parts += ["<h3>Detoxification measures (RealToxicityPrompts protocol)</h3>",
+                  html_tables(summary["protocol"]), "<h3>Per-prompt statistics</h3>"]
+    parts.append(_metrics_table(summary.get("metrics") or {}))
     if summary.get("quality"):
         parts.append(_quality_table(summary["quality"]))
     if summary.get("kl"):
@@ -227,8 +233,12 @@ def _settings_html(settings: Any) -> str:
     if not isinstance(settings, dict):
         return ""
     reward = settings.get("reward") if isinstance(settings.get("reward"), dict) else {}
-    judge = f"; judge {_fmt(settings['judge'])}" if settings.get("judge") else ""
-    return (f"<p>Test prompts, {_fmt(settings.get('decoding'))} decoding, at most "
+    judges = settings.get("judges") or ([settings["judge"]] if settings.get("judge") else [])
+    judge = f"; judges {', '.join(_fmt(j) for j in judges)}" if judges else ""
+    source = settings.get("prompts") if isinstance(settings.get("prompts"), dict) else {}
+    where = f"Prompts of {_fmt(source['path'])}" if source.get("path") else "Test prompts"
+    return (f"<p>{where}, {_fmt(settings.get('samples_per_prompt', 1))} samples each, "
+            f"{_fmt(settings.get('decoding'))} decoding, at most "
             f"{_fmt(settings.get('max_new_tokens'))} new tokens, seed {_fmt(settings.get('seed'))}"
             f", batch size {_fmt(settings.get('batch_size'))}; toxicity by "
             f"{_fmt(reward.get('model'))} on the {_fmt(settings.get('score_on'))}{judge}.</p>")

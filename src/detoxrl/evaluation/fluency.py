@@ -1,0 +1,145 @@
+"""Fluency: the conditional perplexity of each response given its prompt.
+
+As in Liu et al. 2021 (DExperts) and Lu et al. 2022 (Quark): the response is re-tokenized
+by the fluency model's tokenizer (no special tokens), scored given its prompt, and its
+perplexity is ``exp(mean negative log-likelihood of its tokens)``. A causal LM reads
+``prompt + response`` and only the response positions count; a seq2seq model encodes the
+prompt and scores the response as the decoder's target. An empty response has no
+perplexity (NaN), and the per-prompt means skip it.
+
+The default fluency model is the reference policy (the run's starting model, adapter off);
+any causal LM or seq2seq model can be named instead with ``--fluency-model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+REFERENCE = "reference policy (adapter off)"
+
+
+@dataclass
+class FluencyModel:
+    """A language model that scores responses; ``context`` is entered around each use
+    (for the reference policy: ``policy.reference()``)."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    is_seq2seq: bool
+    context: Callable[[], Any] = field(default=contextlib.nullcontext)
+
+
+def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
+    """Any causal LM or seq2seq model by Hub id or folder, in fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ..errors import DetoxError, ModelLoadError
+    from ..loading import load_config, load_pretrained, load_tokenizer
+
+    try:
+        config = load_config(name)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = load_pretrained(auto, name, dtype=torch.float32)
+        tokenizer = load_tokenizer(name)
+    except (DetoxError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load the fluency model {name!r}: {exc} --fluency-model "
+                             "takes a causal LM or a seq2seq model (Hub id or folder); leave "
+                             "it out to use the reference policy.") from None
+    return FluencyModel(name, model.to(device).eval(), tokenizer, config.is_encoder_decoder)
+
+
+def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[list[int]]:
+    """Token ids of each response, or a ConfigError when the tokenizer cannot encode them
+    (unknown tokens, or nothing at all for a non-empty text)."""
+    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    bad = [i for i, (text, seq) in enumerate(zip(responses, ids, strict=True))
+           if (text.strip() and not seq) or (unk is not None and unk in seq)]
+    if bad:
+        example = responses[bad[0]]
+        raise ConfigError(
+            f"The fluency model {name!r} cannot encode {len(bad)} of {len(responses)} "
+            f"responses: its tokenizer maps text such as {example[:60]!r} to unknown tokens. "
+            "Its perplexity would be meaningless; pick a fluency model whose tokenizer covers "
+            "the policy's output (a byte-level one such as GPT-2's), or leave --fluency-model "
+            "out to use the reference policy.")
+    return ids
+
+
+@torch.no_grad()
+def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
+                 batch_size: int = 16) -> np.ndarray:
+    """``(N,)`` perplexity of each response given its prompt; NaN for an empty response."""
+    tok = fm.tokenizer
+    targets = encode_responses(tok, responses, fm.name)
+    contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq)["input_ids"]
+    out = np.full(len(targets), np.nan)
+    device = next(fm.model.parameters()).device
+    with fm.context():
+        for start in range(0, len(targets), batch_size):
+            rows = range(start, min(start + batch_size, len(targets)))
+            nll, counts = _batch_nll(fm, [contexts[i] for i in rows],
+                                     [targets[i] for i in rows], device)
+            ok = counts > 0
+            out[start:start + len(rows)][ok] = np.exp(nll[ok] / counts[ok])
+    return out
+
+
+def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
+               device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Summed negative log-likelihood of each target and its token count, ``(B,)`` each."""
+    tok = fm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    limit = _max_positions(fm.model.config)
+    # An empty prompt still needs one token: the encoder needs an input, and a causal LM a
+    # context to predict the first response token from.
+    start = next(t for t in (tok.bos_token_id, tok.eos_token_id, pad) if t is not None)
+    contexts = [c or [start] for c in contexts]
+    if fm.is_seq2seq:
+        contexts = [c[-limit:] for c in contexts]
+        q, qm = _pad_right(contexts, pad)
+        t, tm = _pad_right([x[:limit] for x in targets], pad)
+        labels = torch.where(tm.bool(), t, -100)
+        logits = fm.model(input_ids=q.to(device), attention_mask=qm.to(device),
+                          labels=labels.to(device)).logits.float()         # (B, T, V)
+        mask = tm
+    else:
+        rows = [(c + x)[-limit:] for c, x in zip(contexts, targets, strict=True)]
+        ids, am = _pad_right(rows, pad)
+        n_target = [min(len(x), len(r) - 1) for x, r in zip(targets, rows, strict=True)]
+        logits = fm.model(input_ids=ids.to(device), attention_mask=am.to(device)
+                          ).logits.float()[:, :-1]                         # (B, L-1, V)
+        t = ids[:, 1:]
+        mask = torch.zeros_like(t)
+        for i, (row, n) in enumerate(zip(rows, n_target, strict=True)):
+            mask[i, len(row) - 1 - n:len(row) - 1] = 1
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, t.to(device).unsqueeze(-1))
+    nll = -(logp.squeeze(-1).cpu() * mask).sum(1)
+    return nll.double().numpy(), mask.sum(1).double().numpy()
+
+
+def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _max_positions(config) -> int:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024  # T5 has relative positions and no hard limit

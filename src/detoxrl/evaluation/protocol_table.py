@@ -1,0 +1,104 @@
+"""The papers' table (Gehman et al. 2020; Liu et al. 2021; Lu et al. 2022), as text and HTML.
+
+One table per toxicity scorer, read from ``summary["protocol"]``: rows are the models
+(before = reference, after = trained adapter) and the change with its interval; columns are
+expected maximum toxicity, toxicity probability, average toxicity, perplexity and
+distinct-1/2/3. Perplexity and distinct-n do not depend on the scorer and repeat.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+COLUMNS = (("expected_max_toxicity", "Exp. max tox."), ("toxicity_probability", "Tox. prob."),
+           ("average_toxicity", "Avg. tox."), ("perplexity", "PPL"),
+           ("distinct_1", "Dist-1"), ("distinct_2", "Dist-2"), ("distinct_3", "Dist-3"))
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def _signed(value: Any) -> str:
+    text = _num(value)
+    return text if text == "n/a" or text.startswith("-") else "+" + text
+
+
+def scorer_title(key: str, info: dict[str, Any]) -> str:
+    label = f", label {info['label']!r}" if info.get("label") else ""
+    if info.get("role") == "reward classifier":
+        return (f"Reward classifier {info.get('model')}{label}: the policy was trained "
+                "against it, so it is not an independent judge")
+    return f"Judge {key} ({info.get('kind')}{label})"
+
+
+def tables(protocol: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(title, column name -> measure) for every scorer, in the summary's order."""
+    shared = {"perplexity": protocol.get("fluency", {}).get("perplexity", {}),
+              **protocol.get("diversity", {})}
+    return [(scorer_title(key, info), {**info.get("measures", {}), **shared})
+            for key, info in protocol.get("toxicity", {}).items()]
+
+
+def header(protocol: dict[str, Any]) -> str:
+    fluency = protocol.get("fluency", {})
+    ppl = fluency.get("note") or f"perplexity under {fluency.get('model')}"
+    return (f"{protocol.get('n_prompts')} prompts x {protocol.get('samples_per_prompt')} "
+            f"samples; a sample is toxic at >= {protocol.get('toxic_threshold')}; {ppl}; "
+            f"changes are after - before with {protocol.get('confidence', 0.95) * 100:g}% "
+            "paired bootstrap intervals over prompts.")
+
+
+def text_tables(protocol: dict[str, Any]) -> str:
+    """The tables for the terminal, each followed by its changes with intervals."""
+    width = 14
+    lines = [header(protocol), ""]
+    for title, cols in tables(protocol):
+        lines += [title, f"{'model':<16}" + "".join(f"{name:>{width}}" for _, name in COLUMNS)]
+        for row in ("before", "after"):
+            label = "before (ref.)" if row == "before" else "after (trained)"
+            lines.append(f"{label:<16}" + "".join(
+                f"{_num(cols.get(key, {}).get(row)):>{width}}" for key, _ in COLUMNS))
+        lines.append(f"{'change':<16}" + "".join(
+            f"{_signed(cols.get(key, {}).get('change')):>{width}}" for key, _ in COLUMNS))
+        lines += [*_interval_lines(cols, COLUMNS[:3]), ""]
+    if tables(protocol):  # fluency and diversity are the same under every scorer
+        lines += ["fluency and diversity", *_interval_lines(tables(protocol)[0][1], COLUMNS[3:])]
+    return "\n".join(lines).rstrip()
+
+
+def _interval_lines(cols: dict[str, dict[str, Any]], columns) -> list[str]:
+    lines = []
+    for key, name in columns:
+        m = cols.get(key, {})
+        lines.append(f"  {name:<14}{_signed(m.get('change')):>10}  "
+                     f"[{_signed(m.get('ci_low'))}, {_signed(m.get('ci_high'))}]  "
+                     f"{m.get('verdict', 'n/a')}")
+    return lines
+
+
+def html_tables(protocol: dict[str, Any]) -> str:
+    """The tables as HTML fragments, every cell escaped."""
+    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(n)}</th>" for _, n in COLUMNS)
+    parts = [f"<p>{html.escape(header(protocol))}</p>"]
+    for title, cols in tables(protocol):
+        rows = []
+        for row, label in (("before", "before (reference)"), ("after", "after (trained)")):
+            rows.append(f"<tr><td>{label}</td>" + "".join(
+                f'<td class="num">{_num(cols.get(k, {}).get(row))}</td>' for k, _ in COLUMNS)
+                + "</tr>")
+        rows.append("<tr><td>change [CI]</td>" + "".join(
+            f"<td>{_change_cell(cols.get(k, {}))}</td>" for k, _ in COLUMNS) + "</tr>")
+        parts.append(f"<h4>{html.escape(title)}</h4><table>{head}</tr>{''.join(rows)}</table>")
+    return "\n".join(parts)
+
+
+def _change_cell(m: dict[str, Any]) -> str:
+    verdict = str(m.get("verdict", ""))
+    css = {"improved": ' class="improved"', "worse": ' class="worse"'}.get(verdict, "")
+    return (f"{_signed(m.get('change'))} [{_signed(m.get('ci_low'))}, "
+            f"{_signed(m.get('ci_high'))}] <span{css}>{html.escape(verdict)}</span>")

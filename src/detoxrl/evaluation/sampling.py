@@ -1,0 +1,98 @@
+"""The one generation loop of ``detoxrl evaluate`` and ``detoxrl compare``: before and after.
+
+Both models answer the same prompts in the same batches with the same seeds
+(``torch.manual_seed(seed + batch_index)`` before each batch's ``generate``), so a
+difference comes from the weights, not the dice. With K samples per prompt, each batch of
+prompts is answered K times by one ``generate`` call (``num_return_sequences``); prompt i's
+samples sit at flat rows ``i*K .. i*K + K-1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SamplingConfig
+
+
+@dataclass
+class Generations:
+    """Before/after responses for a list of prompts, in prompt order.
+
+    ``before``/``after`` and the per-response lists are flat, ``len(ids) * k`` long.
+    """
+
+    ids: list[str]
+    queries: list[str]
+    references: list[list[str]]
+    before: list[str]
+    after: list[str]
+    kl: list[float] | None = None    # per response: sum_t logp_after - logp_ref
+    tokens_before: list[int] = dataclasses.field(default_factory=list)  # generated, no EOS
+    tokens_after: list[int] = dataclasses.field(default_factory=list)
+    k: int = 1                       # samples per prompt
+
+    @property
+    def sample_queries(self) -> list[str]:
+        """The prompt of every flat response row."""
+        return [q for q in self.queries for _ in range(self.k)]
+
+
+@torch.no_grad()
+def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens: int,
+                          batch_size: int, seed: int, kl_temperature: float | None = None,
+                          progress: bool = True, samples_per_prompt: int = 1) -> Generations:
+    """Responses of the reference (before) and the trained policy (after) to ``rows``.
+
+    ``rows``: a prompt dataset (``id``, ``query``, ``input_ids``, ``references``). Batch ``b``
+    (``batch_size`` prompts, each answered ``samples_per_prompt`` times) is generated twice,
+    each time right after ``torch.manual_seed(seed + b)``. With ``kl_temperature``, also the
+    per-response KL(trained || reference) on the after responses.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import collate_queries
+
+    k = samples_per_prompt
+    device = next(policy.parameters()).device
+    out = Generations(list(rows["id"]), list(rows["query"]), list(rows["references"]), [], [],
+                      [] if kl_temperature is not None else None, k=k)
+    starts = range(0, len(rows), batch_size)
+    for b, start in enumerate(tqdm(starts, desc="generating", unit="batch",
+                                   disable=not progress)):
+        batch = rows[start:start + batch_size]
+        q, qm = collate_queries(batch["input_ids"], policy.tokenizer.pad_token_id,
+                                policy.padding_side)
+        q, qm, limits = q.to(device), qm.to(device), [max_new_tokens] * q.shape[0]
+        torch.manual_seed(seed + b)
+        with policy.reference():
+            before = policy.generate(q, qm, sampling, limits, batch["query"],
+                                     num_return_sequences=k)
+        torch.manual_seed(seed + b)
+        after = policy.generate(q, qm, sampling, limits, batch["query"],
+                                num_return_sequences=k)
+        out.before += before.responses
+        out.after += after.responses
+        out.tokens_before += _lengths(before)
+        out.tokens_after += _lengths(after)
+        if out.kl is not None:
+            out.kl += sequence_kl(policy, after, kl_temperature).tolist()
+    return out
+
+
+def _lengths(rollout) -> list[int]:
+    """Generated tokens per response, EOS not counted."""
+    return (rollout.response_mask.sum(1) - rollout.ended_with_eos.long()).tolist()
+
+
+@torch.no_grad()
+def sequence_kl(policy, rollout, temperature: float) -> torch.Tensor:
+    """Per response, sum over its tokens of log p_trained - log p_reference, ``(B,)`` CPU."""
+    args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
+            temperature)
+    logp = policy(*args, with_values=False).logprobs
+    with policy.reference():
+        ref = policy(*args, with_values=False).logprobs
+    return ((logp - ref) * rollout.response_mask).sum(1).float().cpu()
