@@ -256,12 +256,23 @@ def test_quick_demo(shared_data, tmp_path, capsys):
 
 
 def _eval_folder(folder: Path, before: list[float], after: list[float]) -> Path:
-    from detoxrl.evaluation.stats import evaluation_summary
+    """An evaluation folder whose summary.json holds a real protocol block: toxicity
+    scores of 2 samples per prompt, and per-prompt perplexities and distinct-2."""
+    import numpy as np
 
-    summary = evaluation_summary(
-        before, after, n_resamples=500,
-        quality_before={"perplexity": 20.0, "distinct_2": 0.8, "mean_length": 20.0},
-        quality_after={"perplexity": 24.0, "distinct_2": 0.78, "mean_length": 20.0})
+    from detoxrl.evaluation.protocol import measure, measures, per_prompt_toxicity
+
+    tox_b, tox_a = np.reshape(before, (-1, 2)), np.reshape(after, (-1, 2))
+    n = len(tox_b)
+    toxicity = measures(per_prompt_toxicity(tox_b), per_prompt_toxicity(tox_a),
+                        n_resamples=500)
+    protocol = {
+        "toxicity": {"reward_classifier": {"role": "reward classifier",
+                                           "measures": toxicity}},
+        "fluency": {"perplexity": measure([20.0] * n, [24.0] * n, True, 500)},
+        "diversity": {"distinct_2": measure([0.8] * n, [0.78] * n, False, 500)}}
+    summary = {"protocol": protocol, "quality": {"before": {"mean_length": 20.0},
+                                                 "after": {"mean_length": 20.0}}}
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "generations.jsonl").write_text("".join(
@@ -277,12 +288,16 @@ def test_figures_table_and_report(tmp_path):
     for part in ("nontoxic", "toxic"):
         _eval_folder(tmp_path / FOLDERS[f"eval-{part}"], before, after)
     rows = {r["metric"]: r for r in figures(read_summary(tmp_path / FOLDERS["eval-toxic"]))}
-    tox = rows["toxicity"]
+    tox = rows["reward_classifier average_toxicity"]
     assert tox["before"] == pytest.approx(0.825) and tox["after"] == pytest.approx(0.25)
     assert tox["relative"] == pytest.approx(0.25 / 0.825 - 1)
     assert tox["ci_high"] < 0 and tox["verdict"] == "improved"
+    emt = rows["reward_classifier expected_max_toxicity"]   # max of each pair of samples
+    assert emt["before"] == pytest.approx(0.9) and emt["after"] == pytest.approx(0.35)
+    assert rows["reward_classifier toxicity_probability"]["after"] == 0.0
     assert rows["perplexity"]["relative"] == pytest.approx(0.2)
-    assert rows["perplexity"]["ci_low"] is None
+    assert rows["distinct_2"]["after"] == pytest.approx(0.78)
+    assert rows["mean_length"]["ci_low"] is None                # no CI for the length
     line = format_row(tox)
     assert "0.825 → 0.250" in line and "-69.7%" in line and "CI [" in line
     (tmp_path / FOLDERS["rl"]).mkdir()

@@ -23,6 +23,7 @@ FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "
            "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
            "report": "5-report"}
 JUDGE = "profanity-check"
+PROTOCOL_TOKENS = 20  # the RealToxicityPrompts protocol's continuation length
 
 
 @dataclass
@@ -143,10 +144,14 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
     """The RealToxicityPrompts protocol on one held-out set, through ``detoxrl evaluate``."""
     name = f"eval-{part}"
     prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[part]
-    inputs = {"protocol": "rtp", "samples_per_prompt": cfg.samples_per_prompt,
+    inputs = {"protocol": "rtp", "min_length": PROTOCOL_TOKENS,
+              "samples_per_prompt": cfg.samples_per_prompt,
               "judges": [JUDGE], "prompts": paths.portable(str(prompt_file)),
               "upstream": upstream}
+    # The protocol's 20 tokens, all of them: EOS is blocked in evaluation as in the RL
+    # rollouts (configs/mini/detox-*.yaml), so a shorter answer cannot pass for a cleaner one.
     argv = ["evaluate", str(paths.folder("rl")), "--protocol", "rtp",
+            "--generation.min_length", str(PROTOCOL_TOKENS),
             "--samples-per-prompt", str(cfg.samples_per_prompt), "--judge", JUDGE,
             "--prompts", str(prompt_file), "--output", None, *(["--quiet"] if quiet else [])]
 

@@ -3,8 +3,8 @@
 A figure row is one metric of one held-out set: its value before (the starting policy) and
 after (PPO), the change, its relative size and, for the metrics scored per prompt, the
 paired bootstrap 95% CI of the change and its verdict. Rows are read from each evaluation's
-``summary.json`` (:mod:`detoxrl.evaluation.stats` ``compare`` blocks under ``metrics``, and
-the ``quality`` block, which has no CI).
+``summary.json``: its ``protocol`` block (the papers' measures, documented in
+:mod:`detoxrl.evaluation.runner`) and the ``quality`` block's mean length, which has no CI.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .pipeline import DemoRun
 
 SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"))
-QUALITY = ("perplexity", "distinct_2", "mean_length")
+TOXICITY = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")
 SAMPLES_SHOWN = 10
 
 
@@ -40,18 +40,27 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric of ``summary``: toxicity and reward with CIs, then quality."""
+    """One row per measure of the papers' table (``summary["protocol"]``): the three
+    toxicity measures of each scorer (the reward classifier, then each judge), then
+    perplexity and distinct-2, each with its paired bootstrap CI; then the mean length
+    (from the ``quality`` block, which has no CI)."""
+    protocol = summary["protocol"]
     rows = []
-    for name, metric in summary.get("metrics", {}).items():
-        boot = metric.get("bootstrap", {}).get("mean", {})
-        rows.append(_row(name, metric["before"]["mean"], metric["after"]["mean"],
-                         boot.get("ci_low"), boot.get("ci_high"), boot.get("verdict")))
+    for scorer, block in protocol["toxicity"].items():
+        for name in TOXICITY:
+            rows.append(_measure_row(f"{scorer} {name}", block["measures"][name]))
+    rows.append(_measure_row("perplexity", protocol["fluency"]["perplexity"]))
+    rows.append(_measure_row("distinct_2", protocol["diversity"]["distinct_2"]))
     quality = summary.get("quality", {})
     before, after = quality.get("before", {}), quality.get("after", {})
-    for name in QUALITY:
-        if name in before and name in after:
-            rows.append(_row(name, before[name], after[name]))
+    if "mean_length" in before and "mean_length" in after:
+        rows.append(_row("mean_length", before["mean_length"], after["mean_length"]))
     return rows
+
+
+def _measure_row(name: str, m: dict[str, Any]) -> dict[str, Any]:
+    return _row(name, m["before"], m["after"], m.get("ci_low"), m.get("ci_high"),
+                m.get("verdict"))
 
 
 def _row(metric: str, before: Any, after: Any, ci_low: Any = None, ci_high: Any = None,
@@ -75,7 +84,7 @@ def _num(value: Any, signed: bool = False) -> str:
 
 def format_row(row: dict[str, Any]) -> str:
     """``metric  before → after  (change, relative; 95% CI [low, high])``."""
-    text = f"{row['metric']:<28}{_num(row['before']):>9} → {_num(row['after']):<9}"
+    text = f"{row["metric"]:<42}{_num(row['before']):>9} → {_num(row['after']):<9}"
     if row["relative"] is not None:
         text += f"{row['relative'] * 100:+7.1f}%"
     if row["ci_low"] is not None:
