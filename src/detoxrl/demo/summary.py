@@ -84,7 +84,7 @@ def _num(value: Any, signed: bool = False) -> str:
 
 def format_row(row: dict[str, Any]) -> str:
     """``metric  before → after  (change, relative; 95% CI [low, high])``."""
-    text = f"{row["metric"]:<42}{_num(row['before']):>9} → {_num(row['after']):<9}"
+    text = f"{row['metric']:<42}{_num(row['before']):>9} → {_num(row['after']):<9}"
     if row["relative"] is not None:
         text += f"{row['relative'] * 100:+7.1f}%"
     if row["ci_low"] is not None:
