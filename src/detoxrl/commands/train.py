@@ -34,12 +34,18 @@ def run(args) -> int:
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
     cfg = load_config(args.config, overrides)
-    from ..run import train
+    from pathlib import Path
 
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    if result.metrics and not args.quiet and result.trainer.accelerator.is_main_process:
-        last = result.metrics[-1]
-        print(f"done: {len(result.metrics)} steps, last reward mean "
+    from ..detox_trainer import DetoxTrainer
+    from ..run_folder import precheck_output_dir
+
+    precheck_output_dir(Path(cfg.output_dir), args.resume, args.overwrite)  # before loading
+    trainer = DetoxTrainer(args=cfg, quiet=args.quiet)
+    metrics = trainer.train(resume_from_checkpoint=args.resume,
+                            overwrite_output_dir=args.overwrite)
+    if metrics and not args.quiet and trainer.accelerator.is_main_process:
+        last = metrics[-1]
+        print(f"done: {len(metrics)} steps, last reward mean "
               f"{last.get('env/reward_mean', float('nan')):.4f}, KL "
-              f"{last.get('objective/kl', float('nan')):.4f}; outputs in {result.output_dir}")
+              f"{last.get('objective/kl', float('nan')):.4f}; outputs in {cfg.output_dir}")
     return 0
