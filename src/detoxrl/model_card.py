@@ -35,7 +35,7 @@ def model_card(run_dir: Path) -> str:
     parts = [_front_matter(base, data.get("path")),
              f"# {run_dir.resolve().name}\n\nA LoRA adapter trained with reinforcement learning "
              "from a reward (PPO with a per-token KL penalty to the starting policy) by "
-             "[detoxrl](https://github.com/) to make the base model's outputs less toxic.\n",
+             "detoxrl, to make the base model's outputs less toxic.\n",
              "## Model\n\n" + _bullets({
                  "Base model": f"`{base}`", "Starting adapter": _code(model.get("adapter")),
                  "LoRA": _lora(cfg.get("lora", {})), "Seed": info.get("seed", cfg.get("seed")),
@@ -48,7 +48,7 @@ def model_card(run_dir: Path) -> str:
              "## Algorithm\n\n" + _algorithm(cfg, ppo),
              "## Final training metrics\n\n" + _final_metrics(run_dir),
              "## Evaluation\n\n" + _evaluation(run_dir),
-             "## Use\n\n" + _usage(base, model),
+             "## Use\n\n" + _usage(run_dir),
              "## Full config\n\n```yaml\n" + yaml.safe_dump(cfg, sort_keys=False) + "```\n"]
     return "\n".join(parts)
 
@@ -147,12 +147,14 @@ def _evaluation(run_dir: Path) -> str:
             "(after):\n\n" + "\n".join(rows) + "\n")
 
 
-def _usage(base: str, model: dict) -> str:
-    return ("```python\nfrom peft import AutoPeftModelForSeq2SeqLM  # AutoPeftModelForCausalLM "
-            "for GPT-style models\nfrom transformers import AutoTokenizer\n\n"
-            "model = AutoPeftModelForSeq2SeqLM.from_pretrained(RUN_DIR).merge_and_unload()\n"
+def _usage(run_dir: Path) -> str:
+    adapter = _read_json(run_dir / "adapter_config.json") or {}
+    kind = "Seq2SeqLM" if adapter.get("task_type") == "SEQ_2_SEQ_LM" else "CausalLM"
+    return (f"```python\nfrom peft import AutoPeftModelFor{kind}\n"
+            "from transformers import AutoTokenizer\n\n"
+            f"model = AutoPeftModelFor{kind}.from_pretrained(RUN_DIR).merge_and_unload()\n"
             "tokenizer = AutoTokenizer.from_pretrained(RUN_DIR)\n```\n\n"
-            "or `detoxrl generate RUN_DIR \"prompt\" --with both`.\n")
+            "or `detoxrl generate RUN_DIR \"prompt\" --with both` (trained and reference).\n")
 
 
 def _num(value, sign: bool = False) -> str:

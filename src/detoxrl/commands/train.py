@@ -30,6 +30,7 @@ def run(args) -> int:
         for key, default, text in help_table():
             print(f"--{key} (default {default})\n    {text}")
         return 0
+    _check_option_names(args.overrides)
     overrides = list(args.overrides)
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
@@ -49,3 +50,26 @@ def run(args) -> int:
               f"{last.get('env/reward_mean', float('nan')):.4f}, KL "
               f"{last.get('objective/kl', float('nan')):.4f}; outputs in {cfg.output_dir}")
     return 0
+
+
+_FLAGS = ("--config", "--output-dir", "--resume", "--overwrite", "--help-config", "--quiet")
+
+
+def _check_option_names(extra: list[str]) -> None:
+    """Every ``--name`` left over must be a config option; suggest the closest otherwise."""
+    import difflib
+
+    from ..config import help_table
+    from ..errors import ConfigError
+
+    keys = {key for key, _, _ in help_table()}
+    for arg in extra:
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        if key not in keys:
+            known = [*_FLAGS, *(f"--{k}" for k in keys)]
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"Unknown option {key!r}.{hint} Run detoxrl "
+                              "train --help and --help-config for the options.")
