@@ -56,7 +56,10 @@ _FLAGS = ("--config", "--output-dir", "--resume", "--overwrite", "--help-config"
 
 
 def _check_option_names(extra: list[str]) -> None:
-    """Every ``--name`` left over must be a config option; suggest the closest otherwise."""
+    """A top-level ``--name`` left over must be a config option; suggest the closest flag.
+
+    (Dotted keys are checked by ``load_config``, which lists the options of their section.)
+    """
     import difflib
 
     from ..config import help_table
@@ -67,7 +70,7 @@ def _check_option_names(extra: list[str]) -> None:
         if not arg.startswith("--"):
             continue
         key = arg[2:].split("=", 1)[0].replace("-", "_")
-        if key not in keys:
+        if "." not in key and key not in keys:
             known = [*_FLAGS, *(f"--{k}" for k in keys)]
             close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
