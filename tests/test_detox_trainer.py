@@ -65,7 +65,7 @@ def trained(tmp_path_factory, tiny_t5_path, tiny_classifier_path):
 
 
 def test_a_trainer_from_loaded_objects_trains_and_logs_each_reward(trained):
-    trainer, metrics, stop, out = trained
+    _, metrics, stop, out = trained
     assert [m["step"] for m in metrics] == [1, 2]  # the callback stopped a 5-step run
     assert [s for s, _ in stop.step_metrics] == [1, 2]
     assert stop.step_metrics[0][1] is metrics[0]   # on_step_end receives the metrics

@@ -92,6 +92,6 @@ def test_strings_are_classifiers_with_the_config_settings(tiny_classifier_path):
     # ClassifierReward is itself a TRL-style reward: keywords in, extra columns ignored.
     direct = classifier(prompts=PROMPTS, completions=COMPLETIONS, references=[["x"]] * 3)
     torch.testing.assert_close(total, direct)
-    assert ((0 < direct) & (direct < 1)).all()
+    assert ((direct > 0) & (direct < 1)).all()
     described = rewards.describe()
     assert described[0]["kind"] == "classifier" and described[1]["weight"] == 0.0
