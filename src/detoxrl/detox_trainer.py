@@ -18,7 +18,7 @@ from . import distributed as dist
 from . import run_folder
 from .config import TrainConfig, to_dict
 from .errors import ConfigError, DataError
-from .preflight import check_hub_resources, check_trackers
+from .preflight import check_hub_resources, check_trackers, default_cpu_threads
 
 
 class DetoxTrainer:
@@ -54,6 +54,7 @@ class DetoxTrainer:
         self.quiet = quiet
         _record_names(args, model, peft_config)
         check_trackers(args.log_with)
+        default_cpu_threads()
         self.accelerator = make_accelerator(args)
         check_hub_resources(_named_resources(args, model, reward_funcs, train_dataset,
                                              processing_class))

@@ -21,6 +21,7 @@ def load_policy(run_dir: str | Path, device: str | None = None):
 
     from .config import load_config
     from .policy import Policy
+    from .preflight import default_cpu_threads
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter_config.json").is_file() or not (run_dir / "config.yaml").is_file():
@@ -28,6 +29,7 @@ def load_policy(run_dir: str | Path, device: str | None = None):
                          "and adapter_config.json, written when training ends). Pass the "
                          "output_dir of a training run.")
     cfg = load_config(run_dir / "config.yaml")
+    default_cpu_threads()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Policy.from_pretrained(cfg.model, trained_adapter=str(run_dir), trainable=False,
                                   device=device), cfg
