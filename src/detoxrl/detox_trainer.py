@@ -104,7 +104,7 @@ class DetoxTrainer:
         resume = bool(resume_from_checkpoint)
         if resume:
             _setup_deepspeed(self.args, acc, resume=True)  # refuses resume under DeepSpeed
-        start = run_folder.check_output_dir(out, resume, overwrite_output_dir, acc)
+        start = run_folder.check_output_dir(out, resume, overwrite_output_dir, acc, self.args)
         if isinstance(resume_from_checkpoint, (str, Path)):
             start = Path(resume_from_checkpoint)
         first_step = 0
@@ -134,13 +134,16 @@ class DetoxTrainer:
         cfg, acc = self.args, self.accelerator
         bar = tqdm(total=cfg.steps, initial=first_step, desc="PPO",
                    disable=self.quiet or not acc.is_main_process)
-        history = []
+        history, skipped = [], 0
         for step in range(first_step, cfg.steps):
             self._callback("on_step_begin")
             result = self._step(step)
             metrics = {"step": step + 1, **result.metrics, **self._reward_metrics()}
             history.append(metrics)
             self._log(metrics, result, bar)
+            bad = not result.applied or metrics.get("ppo/skipped_updates", 0) > 0
+            skipped = skipped + 1 if bad else 0
+            _stop_if_diverged(skipped, cfg, step + 1)
             self.state.global_step = step + 1
             self._callback("on_step_end", metrics=metrics)
             self._callback("on_log", logs=metrics)
@@ -273,6 +276,18 @@ class DetoxTrainer:
                 self.control = result
         if event == "on_step_begin":  # requests are per step, as in transformers
             self.control.should_evaluate = self.control.should_save = False
+
+
+def _stop_if_diverged(skipped: int, cfg: TrainConfig, step: int) -> None:
+    if cfg.max_skipped_steps and skipped >= cfg.max_skipped_steps:
+        from .errors import TrainingDiverged
+
+        raise TrainingDiverged(
+            f"Stopped at step {step}: {skipped} consecutive steps had non-finite rewards, "
+            "log-probs or gradients and changed nothing. Check the reward function for NaN "
+            "or inf, lower ppo.learning_rate or set ppo.max_grad_norm; the last good "
+            f"checkpoint in {cfg.output_dir}/checkpoints is kept (continue with --resume), "
+            "and max_skipped_steps sets the limit.")
 
 
 # Columns that are the prompt itself; every other column is passed to the rewards.

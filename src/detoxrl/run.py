@@ -41,7 +41,7 @@ def train(cfg: TrainConfig, reward_fn: Any = None, resume: bool = False,
     from .detox_trainer import DetoxTrainer
     from .run_folder import precheck_output_dir
 
-    precheck_output_dir(Path(cfg.output_dir), resume, overwrite)  # before any model loads
+    precheck_output_dir(Path(cfg.output_dir), resume, overwrite, cfg)  # before any model loads
     trainer = DetoxTrainer(args=cfg, reward_funcs=reward_fn, quiet=quiet)
     metrics = trainer.train(resume_from_checkpoint=resume, overwrite_output_dir=overwrite)
     return RunResult(Path(cfg.output_dir), metrics, trainer.ppo)

@@ -32,7 +32,15 @@ RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "samples.md", "checkpoints", "e
                "chat_template.jinja", "detoxrl")
 
 
-def precheck_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+# Options a resumed run may change: they extend or log the run, not its result.
+RESUME_MAY_CHANGE = ("steps", "save_every", "log_with", "num_samples_logged", "output_dir",
+                     "max_skipped_steps")
+_DERIVED = ("ppo.world_size", "ppo.local_batch_size", "ppo.local_mini_batch_size",
+            "ppo.micro_batch_size", "ppo.num_mini_batches")
+
+
+def precheck_output_dir(out: Path, resume: bool, overwrite: bool,
+                        cfg: TrainConfig | None = None) -> None:
     """Refuse, before anything loads or is written, what would mix two runs in ``out``."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite deletes "
@@ -44,11 +52,42 @@ def precheck_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and (out / "metrics.jsonl").exists():
         raise ConfigError(f"{str(out)!r} already holds a run. Pass --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir.")
+    if resume and cfg is not None:
+        check_resume_config(out, cfg)
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
+def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """A resumed run must be the same run: list every option that differs from config.yaml."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return  # nothing readable to compare with; the checkpoint itself still has to load
+    old, new = _flat(saved if isinstance(saved, dict) else {}), _flat(to_dict(cfg))
+    diffs = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now"
+             for k in sorted(set(old) | set(new))
+             if k in old and k.split(".")[0] not in RESUME_MAY_CHANGE and k not in _DERIVED
+             and old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigError(f"--resume would continue the run in {str(out)!r} with different "
+                          "settings, which would mix two runs: " + "; ".join(diffs) + ". Resume "
+                          "with the run's values (only " + ", ".join(RESUME_MAY_CHANGE[:4])
+                          + " may change), or start a new run in another --output-dir.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator,
+                     cfg: TrainConfig | None = None) -> Path | None:
     """The checkpoint to resume from, or None; with ``overwrite``, the old run is removed."""
-    precheck_output_dir(out, resume, overwrite)
+    precheck_output_dir(out, resume, overwrite, cfg)
     if resume:
         check_world_size(out, accelerator.num_processes)
         return list_checkpoints(out)[-1]

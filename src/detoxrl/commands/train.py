@@ -40,7 +40,7 @@ def run(args) -> int:
     from ..detox_trainer import DetoxTrainer
     from ..run_folder import precheck_output_dir
 
-    precheck_output_dir(Path(cfg.output_dir), args.resume, args.overwrite)  # before loading
+    precheck_output_dir(Path(cfg.output_dir), args.resume, args.overwrite, cfg)  # before loading
     trainer = DetoxTrainer(args=cfg, quiet=args.quiet)
     metrics = trainer.train(resume_from_checkpoint=args.resume,
                             overwrite_output_dir=args.overwrite)
