@@ -221,7 +221,7 @@ class DetoxRunner:
 
         cfg = train_config(spec)
         self.trainer = build_trainer(cfg, make_accelerator(cfg))
-        self.reward = self.trainer.reward_fn
+        self.reward = self.trainer.reward_fn.funcs[0]  # the classifier (a RewardSet of one)
         self.rollout_only = spec["rollout_only"]
         # CPU time per phase, from wrappers around the methods the trainer's timer wraps;
         # the wall times reported are the trainer's own ``time/*`` metrics.

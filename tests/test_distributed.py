@@ -14,7 +14,7 @@ resuming on a different number of processes is refused.
 
 Each rank dumps its own state through a test-only ``sitecustomize.py`` that this file writes
 and puts on ``PYTHONPATH`` (nothing in the package is test-specific): it wraps
-``detoxrl.run.train`` and ``PPOTrainer.score`` in the launched processes only.
+``DetoxTrainer.train`` and ``PPOTrainer.score`` in the launched processes only.
 
 On CPU, ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's
 simple launcher spawns only under mpirun); ``ACCELERATE_USE_CPU=true`` with ``--multi_gpu``
@@ -83,22 +83,22 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from detoxrl import run, trainer
+        from detoxrl import detox_trainer, trainer
 
         out = Path(os.environ["DETOXRL_TEST_DUMP"])
         steps = []
         score = trainer.PPOTrainer.score
 
-        def recording_score(self, batch):
-            batch, raw = score(self, batch)
+        def recording_score(self, batch, columns=None):
+            batch, raw = score(self, batch, columns)
             steps.append({"queries": list(batch.queries), "scores": raw.tolist()})
             return batch, raw
 
-        train = run.train
+        train = detox_trainer.DetoxTrainer.train
 
-        def dumping_train(*args, **kwargs):
-            result = train(*args, **kwargs)
-            t = result.trainer
+        def dumping_train(self, *args, **kwargs):
+            result = train(self, *args, **kwargs)
+            t = self.ppo
             rank = t.accelerator.process_index
             tensors = {"adapter." + k: v for k, v in get_peft_model_state_dict(
                 t.policy.model, adapter_name="default").items()}
@@ -114,7 +114,7 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
             return result
 
         trainer.PPOTrainer.score = recording_score
-        run.train = dumping_train
+        detox_trainer.DetoxTrainer.train = dumping_train
 
     _install()
 '''

@@ -141,7 +141,7 @@ def test_any_callable_is_a_reward(reward):
         scores = compute_rewards(fn, PROMPTS, RESPONSES)
         assert scores.shape == (4,) and scores.dtype == torch.float32
     assert compute_rewards(length_reward, PROMPTS, RESPONSES).tolist() == [5.0, 7.0, 9.0, 3.0]
-    with pytest.raises(ValueError, match="one score per response"):
+    with pytest.raises(ValueError, match="one score per completion"):
         compute_rewards(lambda p, r: torch.zeros(len(r), 2), PROMPTS, RESPONSES)
 
 

@@ -44,7 +44,7 @@ def test_build_trainer_assembles_a_trainer_that_steps(tmp_path, capsys):
     group = trainer.optimizer.param_groups[0]
     assert group["lr"] == cfg.ppo.learning_rate and group["weight_decay"] == cfg.ppo.weight_decay
     assert isinstance(trainer.kl_ctl, AdaptiveKLController)  # tiny.yaml: the default
-    assert isinstance(trainer.reward_fn, ClassifierReward)   # from cfg.reward
+    assert isinstance(trainer.reward_fn.funcs[0], ClassifierReward)   # from cfg.reward
     assert not (tmp_path / "run").exists(), "assembly writes no files; train() does"
 
     # One step, as train()'s loop takes it: finite metrics, trainable weights updated.
@@ -63,14 +63,14 @@ def test_build_trainer_assembles_a_trainer_that_steps(tmp_path, capsys):
 
 
 def test_build_trainer_follows_the_config_and_the_seed(tmp_path):
-    def reward(queries, responses):
-        return [0.0] * len(responses)
+    def reward(prompts, completions, **kwargs):
+        return [0.0] * len(completions)
 
     fixed_cfg = _cfg(tmp_path, "--ppo.kl_controller", "fixed", "--ppo.lr_scheduler", "linear")
     fixed = run.build_trainer(fixed_cfg, run.make_accelerator(fixed_cfg), reward_fn=reward)
     assert isinstance(fixed.kl_ctl, FixedKLController)
     assert fixed.kl_ctl.value == fixed_cfg.ppo.init_kl_coef
-    assert fixed.reward_fn is reward  # an explicit reward replaces cfg.reward
+    assert fixed.reward_fn.funcs == [reward]  # an explicit reward replaces cfg.reward
 
     # The linear schedule spans every optimizer step of the run and drives the trainer's
     # optimizer: steps x ppo_epochs x mini-batches of them bring the rate to zero.

@@ -166,6 +166,8 @@ class TrainConfig:
     save_every: int = option(0, "Checkpoint every N steps (0: only at the end).")
     log_with: list[str] = option([], "Accelerate trackers, e.g. [tensorboard] or [wandb].")
     num_samples_logged: int = option(8, "Rollouts per step written to samples.jsonl.")
+    max_skipped_steps: int = option(3, "Stop the run (exit status 2) after this many consecutive "
+                                    "steps skipped for non-finite values; 0 never stops.")
 
     def finalize(self, world_size: int = 1) -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not."""

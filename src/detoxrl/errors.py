@@ -22,3 +22,7 @@ class DataError(DetoxError):
 
 class ModelLoadError(DetoxError):
     """A model, tokenizer or adapter that cannot be found or loaded."""
+
+
+class TrainingDiverged(DetoxError):
+    """Training produced only non-finite values for too many consecutive steps."""

@@ -97,11 +97,13 @@ class Policy(nn.Module):
         from peft import PeftModel, get_peft_model
 
         config = base.config
+        _ensure_pad_token(tokenizer, base)
         start = trained_adapter or adapter
         if start is None:
-            model = get_peft_model(base, default_lora(config.model_type,
-                                                      config.is_encoder_decoder,
-                                                      lora or LoraSettings()))
+            # ``lora``: our settings, or a ready ``peft.LoraConfig`` used as it is.
+            peft_config = lora if hasattr(lora, "peft_type") else default_lora(
+                config.model_type, config.is_encoder_decoder, lora or LoraSettings())
+            model = get_peft_model(base, peft_config)
         else:
             with _adapter_errors(start):
                 model = PeftModel.from_pretrained(base, _resolve_adapter(start),

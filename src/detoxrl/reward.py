@@ -1,7 +1,12 @@
 """Rewards: callables that score generated responses, and the classifier that is the default one.
 
-A reward is any callable ``(prompts: list[str], responses: list[str]) -> Tensor`` returning one
-float per response, TRL style. :class:`ClassifierReward` is the tutorial's reward done right:
+A reward is any callable ``f(prompts=..., completions=..., **kwargs) -> list[float]`` (or a
+tensor), one float per completion, called with keywords as TRL's trainers call theirs: the
+prompt dataset's other columns (``references``, ``id``, any column of your own) arrive as
+keyword arguments, one value per completion. :class:`RewardSet` combines several rewards
+with weights; a string stands for a classifier (:class:`ClassifierReward`). The older
+positional form ``f(prompts, responses)`` is still recognised, with a warning (see
+:func:`as_reward_function`). :class:`ClassifierReward` is the tutorial's reward done right:
 the score of the ``nothate`` label of ``facebook/roberta-hate-speech-dynabench-r4-target``,
 looked up *by name* in the classifier's ``id2label``. The tutorial read
 ``pipeline(top_k=None)[i][0]``, which is the *top-scoring* label, so its reward silently
@@ -14,8 +19,10 @@ softmax probability of the ``hate`` label, which is what the ``evaluate`` librar
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,7 +32,7 @@ from . import tiny
 from .config import RewardConfig
 from .errors import ConfigError, ModelLoadError
 
-RewardFn = Callable[[list[str], list[str]], Tensor]
+RewardFn = Callable[..., "Tensor | list[float]"]
 OUTPUTS = ("logit", "prob")
 SCORE_ON = ("response", "query+response")
 # RoBERTa-family models number positions from pad_token_id + 1, so that many fewer tokens fit.
@@ -78,12 +85,12 @@ class ClassifierReward:
         return cls(cfg.model, label=cfg.label, output=cfg.output, score_on=cfg.score_on,
                    batch_size=cfg.batch_size, max_length=cfg.max_length, device=device)
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> Tensor:
-        """One score per response, shape ``(B,)``, float32 on CPU."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(responses)} responses.")
-        texts = (list(responses) if self.score_on == "response"
-                 else [p + r for p, r in zip(prompts, responses, strict=True)])
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs: Any) -> Tensor:
+        """One score per completion, shape ``(B,)``, float32 on CPU; other columns ignored."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+        texts = (list(completions) if self.score_on == "response"
+                 else [p + r for p, r in zip(prompts, completions, strict=True)])
         return self.label_scores(texts, self.label, self.output)
 
     @property
@@ -153,17 +160,173 @@ class ClassifierReward:
                 f"score_on={self.score_on!r}, max_length={self.max_length})")
 
 
-def compute_rewards(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> Tensor:
+def compute_rewards(reward_fn: RewardFn, prompts: list[str], responses: list[str],
+                    **columns: Any) -> Tensor:
     """Call any reward callable and check its answer: ``(B,)`` float32 on CPU.
 
-    Lists and arrays are accepted and converted, so a plain ``lambda`` works as a reward.
+    Lists and arrays are accepted and converted, so a plain ``lambda`` works as a reward;
+    ``None`` entries (TRL's "does not apply to this sample") become NaN.
     """
-    scores = torch.as_tensor(reward_fn(list(prompts), list(responses)))
-    scores = scores.detach().to("cpu", torch.float32)
-    if scores.shape != (len(responses),):
-        raise ValueError(f"A reward must return one score per response, shape "
-                         f"({len(responses)},); got shape {tuple(scores.shape)}.")
-    return scores
+    return _call_reward(reward_fn, prompts, responses, columns)[0]
+
+
+def _call_reward(reward_fn: RewardFn, prompts: list[str], completions: list[str],
+                 columns: dict) -> tuple[Tensor, Tensor]:
+    """``(scores, applies)``: scores ``(B,)`` float32 CPU, NaN where the reward said None."""
+    fn = as_reward_function(reward_fn)
+    raw = fn(prompts=list(prompts), completions=list(completions), **columns)
+    applies = torch.ones(len(completions), dtype=torch.bool)
+    if isinstance(raw, (list, tuple)):
+        applies = torch.tensor([v is not None for v in raw], dtype=torch.bool)
+        raw = [float("nan") if v is None else v for v in raw]
+    scores = torch.as_tensor(raw).detach().to("cpu", torch.float32)
+    if scores.shape != (len(completions),):
+        raise ValueError(f"The reward {reward_name(reward_fn)!r} must return one score per "
+                         f"completion, shape ({len(completions)},); got shape "
+                         f"{tuple(scores.shape)}.")
+    return scores, applies
+
+
+_POSITIONAL_HINT = ("Rewards are called TRL-style, with keywords: f(prompts=..., "
+                    "completions=..., **kwargs), where kwargs are the prompt dataset's other "
+                    "columns. Rename its parameters, e.g. `def {name}(prompts, completions, "
+                    "**kwargs)`.")
+
+
+def as_reward_function(fn: Any) -> RewardFn:
+    """``fn`` as a keyword-called reward; the old positional form is adapted, with a warning.
+
+    A callable whose parameters cannot take ``prompts=`` and ``completions=`` by keyword but
+    can take two positional arguments (``lambda p, r: ...``, ``def f(prompts, responses)``)
+    is the positional form of detoxrl 0.1: it is wrapped to receive (prompts, completions)
+    and no other columns, and a FutureWarning says how to convert it.
+    """
+    if not callable(fn):
+        raise ConfigError(f"A reward must be a callable or a classifier name (str); got "
+                          f"{type(fn).__name__}.")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: assume the TRL form
+        return fn
+    if _takes_keyword(signature, "prompts") and _takes_keyword(signature, "completions"):
+        return fn
+    name = reward_name(fn)
+    if not _binds(signature, ([], [])):
+        raise ConfigError(f"The reward {name!r} cannot be called as f(prompts=..., "
+                          "completions=...). " + _POSITIONAL_HINT.format(name=name))
+    warnings.warn(f"The reward {name!r} takes positional (prompts, responses); it is adapted "
+                  "for now. " + _POSITIONAL_HINT.format(name=name), FutureWarning, stacklevel=3)
+
+    def positional(prompts, completions, **_columns):
+        return fn(prompts, completions)
+
+    positional.__name__ = name
+    return positional
+
+
+def _takes_keyword(signature: inspect.Signature, name: str) -> bool:
+    kinds = {p.kind for p in signature.parameters.values()}
+    param = signature.parameters.get(name)
+    return inspect.Parameter.VAR_KEYWORD in kinds or (param is not None and param.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def _binds(signature: inspect.Signature, args: tuple) -> bool:
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
+
+
+def reward_name(fn: Any) -> str:
+    """A short name for logs: a classifier's folder or repo name, else the function's name."""
+    if isinstance(fn, ClassifierReward):
+        return fn.name.rstrip("/").split("/")[-1].removeprefix("tiny:")
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+class RewardSet:
+    """Several rewards combined as a weighted sum; the per-reward scores are kept for logs.
+
+    Each function is called as ``f(prompts=..., completions=..., **columns)`` and must return
+    one score per completion (``None`` for "does not apply"). The total is
+    ``sum_i weight_i * score_i``, skipping the ``None`` ones; a completion that no reward
+    applies to is an error. After each call :attr:`last` maps every reward's name to its
+    ``(B,)`` scores (NaN where ``None``), which the trainer logs as ``env/reward/<name>``.
+
+    Columns shorter than the completions (one value per prompt, K completions per prompt)
+    are repeated so every completion gets its prompt's value.
+    """
+
+    def __init__(self, funcs: list[RewardFn], weights: list[float] | None = None):
+        if not funcs:
+            raise ConfigError("reward_funcs is empty; give at least one reward.")
+        weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(funcs):
+            raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} "
+                              "reward functions; give one weight per reward.")
+        self.funcs = [as_reward_function(f) for f in funcs]
+        self.weights = weights
+        self.names = _unique([reward_name(f) for f in funcs])
+        self.last: dict[str, Tensor] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
+        columns = {k: _repeat_to(v, len(completions), k) for k, v in columns.items()}
+        called = [_call_reward(f, prompts, completions, columns) for f in self.funcs]
+        parts = [scores for scores, _ in called]
+        self.last = dict(zip(self.names, parts, strict=True))
+        stacked = torch.stack(parts)                                       # (R, B)
+        applies = torch.stack([a for _, a in called])                      # (R, B)
+        weights = torch.tensor(self.weights).unsqueeze(1)                  # (R, 1)
+        if len(completions) and not applies.any(0).all():
+            row = int((~applies.any(0)).nonzero()[0])
+            raise ValueError(f"Every reward returned None for completion {row} "
+                             f"({completions[row][:60]!r}); at least one must score it.")
+        # A NaN score (not None) stays NaN, so the trainer sees it and skips the step.
+        return torch.where(applies, stacked * weights, 0.0).sum(0)
+
+    def describe(self) -> list[dict]:
+        """Name, weight and kind of each reward, for run_info.json and the model card."""
+        return [{"name": n, "weight": w, "kind": ("classifier" if isinstance(f, ClassifierReward)
+                                                  else "function"),
+                 **({"model": f.name, "label": f.label, "output": f.output}
+                    if isinstance(f, ClassifierReward) else {})}
+                for n, w, f in zip(self.names, self.weights, self.funcs, strict=True)]
+
+
+def build_reward_set(reward_funcs: Any, weights: list[float] | None, cfg: RewardConfig,
+                     device: Any = None) -> RewardSet:
+    """The run's rewards: ``None`` is ``cfg``'s classifier; a string is a classifier id or path
+    scored with ``cfg``'s label, output and batch settings; a callable is used as it is."""
+    if isinstance(reward_funcs, RewardSet):
+        return reward_funcs
+    if reward_funcs is None:
+        reward_funcs = [cfg.model]
+    elif isinstance(reward_funcs, str) or callable(reward_funcs):
+        reward_funcs = [reward_funcs]
+    funcs = [ClassifierReward.from_config(replace(cfg, model=f), device=device)
+             if isinstance(f, str) else f for f in reward_funcs]
+    return RewardSet(funcs, weights)
+
+
+def _repeat_to(values: Any, n: int, name: str) -> list:
+    values = list(values)
+    if len(values) == n:
+        return values
+    if not values or n % len(values):
+        raise ValueError(f"Column {name!r} has {len(values)} values for {n} completions.")
+    k = n // len(values)
+    return [v for v in values for _ in range(k)]
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

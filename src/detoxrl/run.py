@@ -1,37 +1,30 @@
-"""A training run: builds the pieces from a config, loops PPO steps, writes the run folder.
+"""Assembling a run: the accelerator and the PPO trainer, built from a config.
 
-Output folder (``transformers.Trainer`` conventions): the RL adapter in peft format,
-``value_head.safetensors`` and the tokenizer at the top; ``config.yaml`` and
-``run_info.json`` (versions, seed, command); ``metrics.jsonl`` (one line per step);
-``samples.jsonl`` / ``samples.md``; ``checkpoints/step-N``. Only the main process writes.
+:class:`detoxrl.DetoxTrainer` (``detoxrl/detox_trainer.py``) runs the loop and writes the run
+folder; :func:`train` is its shortest call. :func:`make_accelerator` and
+:func:`build_trainer` are public so that the benchmark times exactly what a run runs.
 
 Data order and sampling are pure functions of (seed, step, rank), and each checkpoint holds
-the weights, optimizer, KL controller, score moments, scheduler and RNG, so ``resume=True``
+the weights, optimizer, KL controller, score moments, scheduler and RNG, so a resumed run
 ends exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
-import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 
-from . import __version__, tiny
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import TrainConfig, to_dict
+from . import tiny
+from .config import TrainConfig
 from .distributed import zero_stage
 from .errors import ConfigError
-from .io import atomic_write_json, atomic_write_text
-from .trainer import PPOTrainer, RewardFn
+from .trainer import PPOTrainer
 
 
 @dataclass
@@ -41,38 +34,17 @@ class RunResult:
     trainer: PPOTrainer
 
 
-def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = False,
+def train(cfg: TrainConfig, reward_fn: Any = None, resume: bool = False,
           overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train a policy with PPO as ``cfg`` says; ``reward_fn`` overrides ``cfg.reward``."""
-    from .data import build_prompts
-    from .loading import load_tokenizer
+    """Train as ``cfg`` says; ``reward_fn`` (callable, classifier name or a list of them)
+    overrides ``cfg.reward``. The shortest form of :class:`detoxrl.DetoxTrainer`."""
+    from .detox_trainer import DetoxTrainer
+    from .run_folder import precheck_output_dir
 
-    accelerator = make_accelerator(cfg, resume=resume)
-    out = Path(cfg.output_dir)
-    start = _check_output_dir(out, resume, overwrite, accelerator)  # before any model loads
-    _resolve_tiny_names(cfg, accelerator)
-    # Data errors surface before the models load; the prompts need only the tokenizer.
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision,
-                               cfg.model.trust_remote_code)
-    prompts = build_prompts(cfg.data, tokenizer, seed=cfg.seed).train
-    trainer = build_trainer(cfg, accelerator, reward_fn, quiet=quiet)
-    if start is not None:
-        state = load_checkpoint(start, trainer.policy, trainer.optimizer)
-        trainer.load_state_dict(state)
-        first_step = state["step"]
-    else:
-        first_step = 0
-    if accelerator.is_main_process:
-        _write_run_files(out, cfg, accelerator, first_step)
-    if cfg.log_with:
-        accelerator.init_trackers("detoxrl", config=_flat(to_dict(cfg)))
-    metrics = _loop(cfg, trainer, prompts, first_step, accelerator, quiet)
-    with _gathered_trainable(accelerator, trainer.policy):  # ZeRO-3: every rank must enter
-        if accelerator.is_main_process:
-            _save_final(out, trainer.policy)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(out, metrics, trainer)
+    precheck_output_dir(Path(cfg.output_dir), resume, overwrite, cfg)  # before any model loads
+    trainer = DetoxTrainer(args=cfg, reward_funcs=reward_fn, quiet=quiet)
+    metrics = trainer.train(resume_from_checkpoint=resume, overwrite_output_dir=overwrite)
+    return RunResult(Path(cfg.output_dir), metrics, trainer.ppo)
 
 
 def make_accelerator(cfg: TrainConfig, resume: bool = False):
@@ -94,72 +66,65 @@ def make_accelerator(cfg: TrainConfig, resume: bool = False):
     return accelerator
 
 
-def build_trainer(cfg: TrainConfig, accelerator, reward_fn: RewardFn | None = None,
-                  quiet: bool = True) -> PPOTrainer:
-    """A ``PPOTrainer`` at step 0: policy, reward, optimizer and scheduler, prepared.
+def build_trainer(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: bool = True, *,
+                  model: Any = None, tokenizer: Any = None, peft_config: Any = None,
+                  reward_weights: list[float] | None = None) -> PPOTrainer:
+    """A ``PPOTrainer`` at step 0: policy, rewards, optimizer and scheduler, prepared.
 
-    The one place these are assembled, so ``train`` and the benchmark measure and run the
-    same thing. ``cfg`` must be finalized (``make_accelerator`` does it). The seed is set
-    just before the policy is built, so the LoRA and value-head initialisation depend on
-    ``cfg.seed`` alone. ``reward_fn`` overrides ``cfg.reward``; ``quiet=False`` prints the
-    parameter report on the main process. Checkpoint state is the caller's to load.
+    The one place these are assembled, so ``DetoxTrainer`` and the benchmark run the same
+    thing. ``cfg`` must be finalized (``make_accelerator`` does it). The seed is set just
+    before the policy is built, so the LoRA and value-head initialisation depend on
+    ``cfg.seed`` alone. ``reward_fn`` (a callable, a classifier name or a list of them, with
+    ``reward_weights``) overrides ``cfg.reward``; ``model`` (a loaded ``PreTrainedModel``),
+    ``tokenizer`` and ``peft_config`` (a ``peft.LoraConfig``) override ``cfg.model`` and
+    ``cfg.lora``. ``quiet=False`` prints the parameter report on the main process.
+    Checkpoint state is the caller's to load.
     """
     from accelerate.utils import set_seed
 
-    from .policy import Policy
+    from .reward import build_reward_set
 
-    _resolve_tiny_names(cfg, accelerator)
+    resolve_tiny_names(cfg, accelerator, reward_fn)
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
-    policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
+    policy = _build_policy(cfg, accelerator.device, model, tokenizer, peft_config)
     if accelerator.is_main_process and not quiet:
         print_parameter_report(policy)
-    if reward_fn is None:
-        from .reward import ClassifierReward
-
-        with _whole_weights(accelerator):  # no engine wraps the classifier: never shard it
-            reward_fn = ClassifierReward.from_config(cfg.reward, device=accelerator.device)
+    with _whole_weights(accelerator):  # no engine wraps a classifier: never shard it
+        rewards = build_reward_set(reward_fn, reward_weights, cfg.reward, accelerator.device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
     scheduler = _scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    return PPOTrainer(cfg, model, reward_fn, accelerator, optimizer, scheduler)
+    prepared, optimizer = accelerator.prepare(policy, optimizer)
+    return PPOTrainer(cfg, prepared, rewards, accelerator, optimizer, scheduler)
 
 
-def _resolve_tiny_names(cfg: TrainConfig, accelerator) -> None:
-    with accelerator.local_main_process_first():  # tiny: names are built once per machine
-        for name in (cfg.model.name_or_path, cfg.data.path, cfg.reward.model):
+def _build_policy(cfg: TrainConfig, device, model, tokenizer, peft_config):
+    from .policy import Policy
+
+    lora = peft_config if peft_config is not None else cfg.lora
+    if model is None:
+        policy = Policy.from_pretrained(cfg.model, lora, device=device)
+        if tokenizer is not None:
+            policy.tokenizer = tokenizer
+        return policy
+    if hasattr(model, "peft_config"):
+        raise ConfigError("Pass the base model and the LoRA settings (peft_config=LoraConfig"
+                          "(...)) rather than a PeftModel; to continue an existing adapter set "
+                          "model.adapter in the config.")
+    policy = Policy.from_model(model, tokenizer, lora, cfg.model.adapter)
+    if cfg.model.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy.to(device)
+
+
+def resolve_tiny_names(cfg: TrainConfig, accelerator, reward_funcs: Any = None) -> None:
+    """Build the ``tiny:`` models and data a run names, once per machine."""
+    names = [cfg.model.name_or_path, cfg.data.path, cfg.reward.model]
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    names += [f for f in funcs if isinstance(f, str)]
+    with accelerator.local_main_process_first():
+        for name in names:
             tiny.resolve(name)
-
-
-def _loop(cfg, trainer, prompts, first_step, accelerator, quiet) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from .data import collate_queries
-
-    out, main = Path(cfg.output_dir), accelerator.is_main_process
-    pad_id, side = trainer.policy.tokenizer.pad_token_id, trainer.policy.padding_side
-    bar = tqdm(total=cfg.steps, initial=first_step, disable=quiet or not main, desc="PPO")
-    history = []
-    for step in range(first_step, cfg.steps):
-        rows = prompts[batch_indices(step, len(prompts), cfg, accelerator.process_index)]
-        query_ids, query_mask = collate_queries(rows["input_ids"], pad_id, side)
-        result = trainer.step(query_ids, query_mask, rows["query"],
-                              step_seed(cfg.seed, step, accelerator.process_index))
-        metrics = {"step": step + 1, **result.metrics}
-        history.append(metrics)
-        if main:
-            _append_jsonl(out / "metrics.jsonl", [metrics])
-            _append_jsonl(out / "samples.jsonl", _samples(step + 1, result.rollout,
-                                                          cfg.num_samples_logged))
-            bar.set_postfix(reward=f"{metrics.get('env/reward_mean', float('nan')):.3f}",
-                            kl=f"{metrics.get('objective/kl', float('nan')):.3f}")
-        if cfg.log_with:
-            accelerator.log(result.metrics, step=step + 1)
-        bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _checkpoint(out, step + 1, trainer, accelerator)
-    bar.close()
-    return history
 
 
 def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int) -> list[int]:
@@ -192,13 +157,6 @@ def print_parameter_report(policy) -> None:
           f"percentage of trainable model parameters: {pct:.2f}%", flush=True)
 
 
-def _checkpoint(out: Path, step: int, trainer: PPOTrainer, accelerator) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(out, step, trainer.policy, trainer.optimizer, trainer.state_dict())
-    accelerator.wait_for_everyone()
-
-
 def _check_launch(accelerator) -> None:
     """Refuse N launched processes that each think they are alone (and would all be rank 0)."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -217,48 +175,6 @@ def _check_launch(accelerator) -> None:
                       "run trains on 1 process. For N CPU processes use ACCELERATE_USE_CPU=true "
                       "accelerate launch --multi_gpu --num_processes N (docs/scaling.md).",
                       stacklevel=2)
-
-
-def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
-    if resume:
-        found = list_checkpoints(out)
-        if not found:
-            raise ConfigError(f"Nothing to resume in {str(out)!r}: it holds no checkpoints/"
-                              "step-N folder. Set save_every to write checkpoints, or start "
-                              "without --resume.")
-        _check_world_size(out, accelerator.num_processes)
-        return found[-1]
-    if (out / "metrics.jsonl").exists() and not overwrite:
-        raise ConfigError(f"{str(out)!r} already holds a run. Pass --resume to continue it, "
-                          "--overwrite to start again, or choose another --output-dir.")
-    if overwrite and accelerator.is_main_process:
-        for name in ("metrics.jsonl", "samples.jsonl", "checkpoints"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return None
-
-
-def recorded_world_size(out: Path) -> int | None:
-    """The number of processes a run folder was trained on (run_info.json, else config.yaml)."""
-    info, config = out / "run_info.json", out / "config.yaml"
-    if info.exists():
-        return int(json.loads(info.read_text()).get("world_size", 1))
-    if config.exists():
-        return int((yaml.safe_load(config.read_text()) or {}).get("ppo", {}).get("world_size", 1))
-    return None
-
-
-def _check_world_size(out: Path, world_size: int) -> None:
-    # Each rank's data shard and sampling seed depend on (rank, world size), and the optimizer
-    # state assumes the same per-rank batch: a different world size is a different run.
-    recorded = recorded_world_size(out)
-    if recorded is not None and recorded != world_size:
-        raise ConfigError(
-            f"{str(out)!r} was trained on {recorded} process(es) but this launch has "
-            f"{world_size}. Resume with the same number of processes (accelerate launch "
-            f"--num_processes {recorded} ...), or start a new run in another --output-dir.")
 
 
 def _setup_deepspeed(cfg: TrainConfig, accelerator, resume: bool) -> None:
@@ -308,63 +224,6 @@ def _gathered_trainable(accelerator, policy):
 
     params = [q for q in policy.parameters() if q.requires_grad]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _write_run_files(out: Path, cfg: TrainConfig, accelerator, first_step: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_json(out / "run_info.json", run_info(cfg, accelerator))
-    # A resumed run continues the log from its checkpoint; later lines belonged to the
-    # interrupted attempt and are dropped.
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = out / name
-        if path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln and json.loads(ln)["step"] <= first_step]
-            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
-def run_info(cfg: TrainConfig, accelerator=None) -> dict:
-    import accelerate
-    import datasets
-    import peft
-    import transformers
-
-    return {
-        "seed": cfg.seed, "command": sys.argv, "detoxrl": __version__,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "accelerate": accelerate.__version__, "datasets": datasets.__version__},
-        "world_size": accelerator.num_processes if accelerator else 1,
-        "device": str(accelerator.device) if accelerator else "cpu",
-        "config": to_dict(cfg),
-    }
-
-
-def _save_final(out: Path, policy) -> None:
-    """Adapter, value head and tokenizer, each file moved into place atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
-    try:
-        policy.save(tmp)
-        policy.tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _samples(step: int, rollout, n: int) -> list[dict]:
-    scores = rollout.scores.tolist() if rollout.scores is not None else [None] * len(rollout)
-    return [{"step": step, "query": q, "response": r, "score": s}
-            for q, r, s in list(zip(rollout.queries, rollout.responses, scores, strict=True))[:n]]
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    # Appending whole lines with one write and fsync keeps the file readable after a crash.
-    with path.open("a") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:

@@ -29,7 +29,7 @@ from .generation import draw_lengths
 from .policy import Policy
 
 logger = logging.getLogger(__name__)
-RewardFn = Callable[[list[str], list[str]], "Tensor | list[float]"]
+RewardFn = Callable[..., "Tensor | list[float]"]  # f(prompts=, completions=, **columns)
 
 
 @dataclass
@@ -61,12 +61,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one PPO step
     def step(self, query_ids: Tensor, query_mask: Tensor, queries: list[str],
-             step_seed: int) -> StepResult:
+             step_seed: int, columns: dict[str, list] | None = None) -> StepResult:
+        """One PPO iteration; ``columns``: the prompts' other dataset columns, for the reward."""
         timer = _PhaseTimer()
         with timer("rollout"):                                   # 1. rollout
             batch = self.rollout(query_ids, query_mask, queries, step_seed)
         with timer("score"):                                     # 2. score
-            batch, raw_scores = self.score(batch)
+            batch, raw_scores = self.score(batch, columns)
         with timer("forward"):                                   # 3. old/ref log-probs, values
             batch = self.forward_old_and_ref(batch)
         if not dist.all_finite(self.accelerator, batch.scores, batch.logprobs,
@@ -98,10 +99,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
-    def score(self, batch: Rollout) -> tuple[Rollout, Tensor]:
+    def score(self, batch: Rollout, columns: dict[str, list] | None = None
+              ) -> tuple[Rollout, Tensor]:
         """Scores used for learning (penalised, normalised, clipped) and the raw ones."""
         p = self.cfg.ppo
-        raw = self.reward_fn(batch.queries, batch.responses)
+        raw = self.reward_fn(prompts=batch.queries, completions=batch.responses,
+                             **(columns or {}))
         scores = torch.as_tensor(raw, dtype=torch.float32).reshape(-1).to(batch.response_ids.device)
         if scores.shape[0] != len(batch):
             raise ValueError(f"The reward returned {scores.shape[0]} scores for {len(batch)} "

@@ -31,4 +31,8 @@ def run(args: argparse.Namespace) -> int:
                          "of a training run, e.g. detoxrl report runs/detoxrl.")
     path = build_report(run_dir, args.output)
     print(f"Report written to {path}")
+    if (run_dir / "adapter_config.json").is_file():  # the model card shows the evaluation too
+        from ..model_card import write_model_card
+
+        print(f"Model card refreshed: {write_model_card(run_dir)}")
     return 0

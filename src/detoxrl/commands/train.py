@@ -30,16 +30,49 @@ def run(args) -> int:
         for key, default, text in help_table():
             print(f"--{key} (default {default})\n    {text}")
         return 0
+    _check_option_names(args.overrides)
     overrides = list(args.overrides)
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
     cfg = load_config(args.config, overrides)
-    from ..run import train
+    from pathlib import Path
 
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    if result.metrics and not args.quiet and result.trainer.accelerator.is_main_process:
-        last = result.metrics[-1]
-        print(f"done: {len(result.metrics)} steps, last reward mean "
+    from ..detox_trainer import DetoxTrainer
+    from ..run_folder import precheck_output_dir
+
+    precheck_output_dir(Path(cfg.output_dir), args.resume, args.overwrite, cfg)  # before loading
+    trainer = DetoxTrainer(args=cfg, quiet=args.quiet)
+    metrics = trainer.train(resume_from_checkpoint=args.resume,
+                            overwrite_output_dir=args.overwrite)
+    if metrics and not args.quiet and trainer.accelerator.is_main_process:
+        last = metrics[-1]
+        print(f"done: {len(metrics)} steps, last reward mean "
               f"{last.get('env/reward_mean', float('nan')):.4f}, KL "
-              f"{last.get('objective/kl', float('nan')):.4f}; outputs in {result.output_dir}")
+              f"{last.get('objective/kl', float('nan')):.4f}; outputs in {cfg.output_dir}")
     return 0
+
+
+_FLAGS = ("--config", "--output-dir", "--resume", "--overwrite", "--help-config", "--quiet")
+
+
+def _check_option_names(extra: list[str]) -> None:
+    """A top-level ``--name`` left over must be a config option; suggest the closest flag.
+
+    (Dotted keys are checked by ``load_config``, which lists the options of their section.)
+    """
+    import difflib
+
+    from ..config import help_table
+    from ..errors import ConfigError
+
+    keys = {key for key, _, _ in help_table()}
+    for arg in extra:
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        if "." not in key and key not in keys:
+            known = [*_FLAGS, *(f"--{k}" for k in keys)]
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"Unknown option {key!r}.{hint} Run detoxrl "
+                              "train --help and --help-config for the options.")
