@@ -1,8 +1,8 @@
 """A training run: builds the pieces from a config, loops PPO steps, writes the run folder.
 
 Output folder (``transformers.Trainer`` conventions): the RL adapter in peft format,
-``value_head.safetensors`` and the tokenizer at the top; ``config.yaml`` and
-``run_info.json`` (versions, seed, command); ``metrics.jsonl`` (one line per step);
+``value_head.safetensors`` (PPO only) and the tokenizer at the top; ``config.yaml`` and
+``run_info.json`` (algorithm, versions, seed, command); ``metrics.jsonl`` (one line per step);
 ``samples.jsonl`` / ``samples.md``; ``checkpoints/step-N``. Only the main process writes.
 
 Data order and sampling are pure functions of (seed, step, rank), and each checkpoint holds
@@ -49,7 +49,8 @@ def train(cfg: TrainConfig, reward_fn: RewardFn | None = None, resume: bool = Fa
 
     accelerator = make_accelerator(cfg, resume=resume)
     out = Path(cfg.output_dir)
-    start = _check_output_dir(out, resume, overwrite, accelerator)  # before any model loads
+    start = _check_output_dir(out, resume, overwrite, accelerator,  # before any model loads
+                              cfg.ppo.algorithm)
     _resolve_tiny_names(cfg, accelerator)
     # Data errors surface before the models load; the prompts need only the tokenizer.
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision,
@@ -110,7 +111,8 @@ def build_trainer(cfg: TrainConfig, accelerator, reward_fn: RewardFn | None = No
 
     _resolve_tiny_names(cfg, accelerator)
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
-    policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device)
+    policy = Policy.from_pretrained(cfg.model, cfg.lora, device=accelerator.device,
+                                    value_head=cfg.ppo.has_value_head)
     if accelerator.is_main_process and not quiet:
         print_parameter_report(policy)
     if reward_fn is None:
@@ -219,7 +221,8 @@ def _check_launch(accelerator) -> None:
                       stacklevel=2)
 
 
-def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
+def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator,
+                      algorithm: str = "ppo") -> Path | None:
     """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
     if resume:
         found = list_checkpoints(out)
@@ -228,6 +231,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator) -> 
                               "step-N folder. Set save_every to write checkpoints, or start "
                               "without --resume.")
         _check_world_size(out, accelerator.num_processes)
+        _check_algorithm(out, algorithm)
         return found[-1]
     if (out / "metrics.jsonl").exists() and not overwrite:
         raise ConfigError(f"{str(out)!r} already holds a run. Pass --resume to continue it, "
@@ -259,6 +263,15 @@ def _check_world_size(out: Path, world_size: int) -> None:
             f"{str(out)!r} was trained on {recorded} process(es) but this launch has "
             f"{world_size}. Resume with the same number of processes (accelerate launch "
             f"--num_processes {recorded} ...), or start a new run in another --output-dir.")
+
+
+def _check_algorithm(out: Path, algorithm: str) -> None:
+    info = out / "run_info.json"
+    recorded = json.loads(info.read_text()).get("algorithm", "ppo") if info.exists() else None
+    if recorded is not None and recorded != algorithm:
+        raise ConfigError(f"{str(out)!r} was trained with ppo.algorithm {recorded!r}, not "
+                          f"{algorithm!r}: its checkpoints hold another model (value head or "
+                          "not). Resume with the same algorithm, or use another --output-dir.")
 
 
 def _setup_deepspeed(cfg: TrainConfig, accelerator, resume: bool) -> None:
@@ -331,7 +344,8 @@ def run_info(cfg: TrainConfig, accelerator=None) -> dict:
     import transformers
 
     return {
-        "seed": cfg.seed, "command": sys.argv, "detoxrl": __version__,
+        "algorithm": cfg.ppo.algorithm, "seed": cfg.seed, "command": sys.argv,
+        "detoxrl": __version__,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "accelerate": accelerate.__version__, "datasets": datasets.__version__},
@@ -342,7 +356,7 @@ def run_info(cfg: TrainConfig, accelerator=None) -> dict:
 
 
 def _save_final(out: Path, policy) -> None:
-    """Adapter, value head and tokenizer, each file moved into place atomically."""
+    """Adapter, value head (PPO) and tokenizer, each file moved into place atomically."""
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
     try:
         policy.save(tmp)
