@@ -117,7 +117,7 @@ def test_dr_grpo_step_by_hand(tmp_path):
 def test_config_names_validation_and_renames(tmp_path):
     with pytest.raises(ConfigError, match="num_generations to 2 or more"):
         _cfg(tmp_path, "t5", "grpo", "--ppo.num_generations", "1").finalize()
-    with pytest.raises(ConfigError, match=r"\(12 samples\) must be a multiple of "
+    with pytest.raises(ConfigError, match=r"\(3\) = 12 samples must be a multiple of "
                                           r"ppo.mini_batch_size \(8\)"):
         _cfg(tmp_path, "t5", "rloo", "--ppo.num_generations", "3",
              "--ppo.mini_batch_size", "8").finalize()

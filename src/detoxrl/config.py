@@ -227,8 +227,9 @@ class TrainConfig:
                               f"the number of processes ({world_size}).")
         samples = p.batch_size * p.num_generations
         if samples % p.mini_batch_size:
-            raise ConfigError(f"ppo.batch_size x ppo.num_generations ({samples} samples) must "
-                              f"be a multiple of ppo.mini_batch_size ({p.mini_batch_size}).")
+            raise ConfigError(f"ppo.batch_size ({p.batch_size}) x ppo.num_generations "
+                              f"({p.num_generations}) = {samples} samples must be a multiple "
+                              f"of ppo.mini_batch_size ({p.mini_batch_size}).")
         if p.mini_batch_size % (world_size * p.gradient_accumulation_steps):
             raise ConfigError(
                 f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of processes "
