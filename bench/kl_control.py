@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [
             "--steps", str(args.steps), "--save_every", "0", "--output_dir", tmp,
-            "--ppo.kl_controller", "adaptive", "--ppo.target_kl", str(args.target),
-            "--ppo.horizon", str(args.horizon), "--ppo.init_kl_coef", str(args.init_kl_coef)])
+            "--ppo.kl_controller", "adaptive", "--ppo.kl_target", str(args.target),
+            "--ppo.kl_horizon", str(args.horizon), "--ppo.init_kl_coef", str(args.init_kl_coef)])
         result = train(cfg, quiet=True)
     kls = [m["objective/kl"] for m in result.metrics]
     coefs = [m["objective/kl_coef"] for m in result.metrics]

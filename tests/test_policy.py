@@ -67,7 +67,7 @@ def score(policy: Policy, batch, **kwargs):
 
 def kl(policy_out, ref_out, mask) -> torch.Tensor:
     """Summed k3 estimate of KL(policy || ref) over response tokens: >= 0, 0 iff equal."""
-    return rl_math.masked_sum(rl_math.kl_penalty(policy_out.logprobs, ref_out.logprobs, "full"),
+    return rl_math.masked_sum(rl_math.kl_penalty(policy_out.logprobs, ref_out.logprobs, "k3"),
                               mask)
 
 

@@ -138,20 +138,20 @@ def test_kl_penalty_by_hand():
     ref = torch.log(torch.tensor([[0.25, 0.5]]))
     # logp - ref = [ln 2, -ln 2]; k3 with r = ref - logp: e^-ln2 - 1 + ln2 = ln2 - 1/2,
     # e^ln2 - 1 - ln2 = 1 - ln2
-    assert close(kl_penalty(logp, ref, "kl"), [[LN2, -LN2]])
+    assert close(kl_penalty(logp, ref, "k1"), [[LN2, -LN2]])
     assert close(kl_penalty(logp, ref, "abs"), [[LN2, LN2]])
-    assert close(kl_penalty(logp, ref, "mse"), [[0.5 * LN2**2, 0.5 * LN2**2]])
-    assert close(kl_penalty(logp, ref, "full"), [[LN2 - 0.5, 1.0 - LN2]])
+    assert close(kl_penalty(logp, ref, "k2"), [[0.5 * LN2**2, 0.5 * LN2**2]])
+    assert close(kl_penalty(logp, ref, "k3"), [[LN2 - 0.5, 1.0 - LN2]])
 
 
 def test_kl_penalty_zero_at_equal_and_k3_nonnegative(gen):
     logp = torch.randn(B, T, generator=gen) - 3.0
     ref = torch.randn(B, T, generator=gen) - 3.0
-    for estimator in ("kl", "abs", "mse", "full"):
+    for estimator in ("k1", "k2", "k3", "abs"):
         assert (kl_penalty(logp, logp.clone(), estimator) == 0).all(), estimator
-    assert (kl_penalty(logp, ref, "full") >= 0).all()
-    assert torch.isfinite(kl_penalty(torch.tensor([0.0]), torch.tensor([-1e4]), "full")).all()
-    with pytest.raises(ValueError, match="'kl', 'abs', 'mse', 'full'"):
+    assert (kl_penalty(logp, ref, "k3") >= 0).all()
+    assert torch.isfinite(kl_penalty(torch.tensor([0.0]), torch.tensor([-1e4]), "k3")).all()
+    with pytest.raises(ValueError, match="'k1', 'k2', 'k3', 'abs'"):
         kl_penalty(logp, ref, "k4")
 
 
@@ -162,8 +162,8 @@ def test_k1_and_k3_are_unbiased_estimates_of_kl():
     exact = (pi * (pi / ref).log()).sum()  # KL(pi || ref) ~= 0.1064
     tokens = torch.multinomial(pi, 200_000, replacement=True, generator=g)
     logp, ref_logp = pi.log()[tokens], ref.log()[tokens]
-    assert close(kl_penalty(logp, ref_logp, "kl").mean(), exact, tol=5e-3)
-    assert close(kl_penalty(logp, ref_logp, "full").mean(), exact, tol=5e-3)
+    assert close(kl_penalty(logp, ref_logp, "k1").mean(), exact, tol=5e-3)
+    assert close(kl_penalty(logp, ref_logp, "k3").mean(), exact, tol=5e-3)
 
 
 def test_kl_shaped_rewards_by_hand():
@@ -183,7 +183,7 @@ def test_kl_shaped_rewards_matches_loop(gen):
     ref = with_garbage(torch.randn(B, T, generator=gen, dtype=torch.float64) - 2, mask, -1e6)
     scores = torch.randn(B, generator=gen, dtype=torch.float64)
     logp.requires_grad_(True)
-    rewards, kl = kl_shaped_rewards(scores, logp, ref, mask, 0.3, "full")
+    rewards, kl = kl_shaped_rewards(scores, logp, ref, mask, 0.3, "k3")
     assert not rewards.requires_grad and not kl.requires_grad
     expected = [[0.0] * T for _ in range(B)]
     for i, n in enumerate(lengths):

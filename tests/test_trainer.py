@@ -52,12 +52,12 @@ def test_one_step_matches_hand_computation(tmp_path):
 
     trainer = PPOTrainer(cfg, torch.nn.Module(), reward_fn=None,
                          accelerator=Accelerator(cpu=True), optimizer=None)
-    batch, kl = trainer.shape_rewards(_hand_rollout())
+    batch, kl = trainer.algorithm.rewards(_hand_rollout())
     # k1 KL per token: logp - ref.
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.5], [-0.2, 0.0, 0.0]]))
     # rewards = -0.1 * kl, plus the score on the last real token.
     assert torch.allclose(batch.rewards, torch.tensor([[-0.05, 0.0, 0.95], [0.02, -0.5, 0.0]]))
-    batch = trainer.compute_advantages(batch)
+    batch = trainer.algorithm.advantages(batch)
     # Row 0, gamma 1, lam 0.95, bootstrap 0 after the last token:
     #   d2 = 0.95 - (-0.1) = 1.05                  A2 = 1.05
     #   d1 = 0 + (-0.1) - 0.2 = -0.3               A1 = -0.3 + 0.95 * 1.05 = 0.6975

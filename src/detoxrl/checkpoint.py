@@ -1,9 +1,9 @@
 """Atomic, pickle-free checkpoints that resume a run exactly.
 
-A checkpoint folder ``checkpoints/step-N`` holds the RL adapter (peft format) and value head,
-the optimizer state as safetensors plus JSON, and ``trainer_state.json`` with the step, the
-KL controller, running score moments, LR scheduler and the RNG states. It is written into a
-temporary sibling and renamed into place, so a folder that exists is complete.
+A checkpoint folder ``checkpoints/step-N`` holds the RL adapter (peft format), the value head
+(PPO only), the optimizer state as safetensors plus JSON, and ``trainer_state.json`` with the
+step, the KL controller, running score moments, LR scheduler and the RNG states. It is
+written into a temporary sibling and renamed into place, so a folder that exists is complete.
 """
 
 from __future__ import annotations

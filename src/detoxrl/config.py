@@ -116,39 +116,59 @@ class SamplingConfig:
 
 @dataclass
 class PPOConfig:
+    algorithm: str = option("ppo", "'ppo' (value head, GAE, KL in the per-token reward), 'rloo' "
+                            "(leave-one-out baseline, KL in the sequence reward) or 'grpo' "
+                            "(group-normalised reward, KL as a k3 loss term); rloo and grpo "
+                            "have no value head and need num_generations >= 2.")
+    num_generations: int = option(1, "Samples per prompt (K). batch_size counts prompts, so "
+                                  "a step generates batch_size x num_generations samples.")
+    beta: float = option(0.05, "rloo: KL coefficient in the sequence reward; grpo: coefficient "
+                         "of the k3 KL loss term. Fixed (the KL controller is PPO's).")
+    loss_type: str = option("grpo", "grpo: how token losses are reduced: 'grpo' (each "
+                            "sequence's mean), 'bnpo' (mean over tokens) or 'dr_grpo' (sum "
+                            "over tokens / generation.max_new_tokens_draw: Dr. GRPO).")
+    scale_rewards: str = option("group", "grpo: divide advantages by the std of the 'group', of "
+                                "the 'batch' (all processes), or 'none' (Dr. GRPO).")
     learning_rate: float = option(1.41e-5, "AdamW learning rate.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     lr_scheduler: str = option("constant", "transformers scheduler name: constant, linear, "
                                "cosine, ...")
     warmup_steps: int = option(0, "Scheduler warm-up, in optimizer steps.")
-    batch_size: int = option(16, "Prompts rolled out per PPO step, over all processes.")
-    mini_batch_size: int = option(4, "Rollouts per optimizer step, over all processes.")
+    batch_size: int = option(16, "Prompts rolled out per step, over all processes.")
+    mini_batch_size: int = option(4, "Samples per optimizer step, over all processes.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch.")
-    ppo_epochs: int = option(1, "Passes over each batch of rollouts.")
-    gamma: float = option(1.0, "Discount factor.")
-    lam: float = option(0.95, "GAE lambda.")
-    cliprange: float = option(0.2, "Clip range of the policy ratio.")
-    cliprange_value: float = option(0.2, "Clip range of the value prediction.")
-    vf_coef: float = option(0.1, "Value loss coefficient.")
+    ppo_epochs: int = option(1, "Passes over each batch of samples (every algorithm).")
+    gamma: float = option(1.0, "ppo: discount factor.")
+    lam: float = option(0.95, "ppo: GAE lambda.")
+    cliprange: float = option(0.2, "Clip range of the policy ratio (every algorithm).")
+    cliprange_value: float = option(0.2, "ppo: clip range of the value prediction.")
+    vf_coef: float = option(0.1, "ppo: value loss coefficient.")
     max_grad_norm: float | None = option(1.0, "Gradient clipping norm; null disables it.")
-    kl_estimator: str = option("kl", "Per-token KL estimator: kl (k1), abs, mse, full (k3).")
-    kl_controller: str = option("adaptive", "'adaptive' (Ziegler et al. 2019) or 'fixed'.")
-    init_kl_coef: float = option(0.2, "Initial KL penalty coefficient.")
-    target_kl: float = option(6.0, "Adaptive controller: target KL per sequence.")
-    horizon: int = option(10000, "Adaptive controller: horizon, in rollouts.")
-    whiten_rewards: bool = option(False, "Whiten the KL-shaped rewards before GAE.")
-    whiten_advantages: bool = option(True, "Whiten advantages before the policy loss.")
+    kl_estimator: str = option("k1", "Per-token KL estimator in the reward and the logged KL: "
+                               "k1, k2, k3 or abs (OpenRLHF's names).")
+    kl_controller: str = option("adaptive", "ppo: 'adaptive' (Ziegler et al. 2019) or 'fixed'.")
+    init_kl_coef: float = option(0.2, "ppo: initial KL penalty coefficient.")
+    kl_target: float = option(6.0, "ppo, adaptive controller: target KL per sequence.")
+    kl_horizon: int = option(10000, "ppo, adaptive controller: horizon, in samples.")
+    whiten_rewards: bool = option(False, "ppo: whiten the KL-shaped rewards before GAE.")
+    whiten_advantages: bool = option(True, "ppo: whiten advantages before the policy loss.")
     normalize_scores: bool = option(False, "Normalize scores by a running mean and std.")
     score_clip: float | None = option(None, "Clip (normalized) scores to "
                                       "[-score_clip, score_clip].")
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses that "
                                            "end without EOS.")
+
+    @property
+    def has_value_head(self) -> bool:
+        """Only PPO learns a value; rloo and grpo are critic-free."""
+        return self.algorithm == "ppo"
+
     # Derived by finalize(); not set by users.
     world_size: int = derived(1, "number of processes.")
-    local_batch_size: int = derived(0, "rollouts per process.")
+    local_batch_size: int = derived(0, "prompts per process.")
     local_mini_batch_size: int = derived(0, "per process.")
     micro_batch_size: int = derived(0, "per forward pass.")
-    num_mini_batches: int = derived(0, "per PPO epoch.")
+    num_mini_batches: int = derived(0, "per epoch.")
 
 
 @dataclass
@@ -172,24 +192,12 @@ class TrainConfig:
     def finalize(self, world_size: int = 1) -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not."""
         _check_choices(self)
-        p = self.ppo
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(p, name)}.")
-        if p.batch_size % p.mini_batch_size:
-            raise ConfigError(f"ppo.batch_size ({p.batch_size}) must be a multiple of "
-                              f"ppo.mini_batch_size ({p.mini_batch_size}).")
-        if p.mini_batch_size % (world_size * p.gradient_accumulation_steps):
-            raise ConfigError(
-                f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of processes "
-                f"({world_size}) x ppo.gradient_accumulation_steps "
-                f"({p.gradient_accumulation_steps}); change one of them.")
+        p = self._check_batches(world_size)
         p.world_size = world_size
         p.local_batch_size = p.batch_size // world_size
         p.local_mini_batch_size = p.mini_batch_size // world_size
         p.micro_batch_size = p.local_mini_batch_size // p.gradient_accumulation_steps
-        p.num_mini_batches = p.batch_size // p.mini_batch_size
+        p.num_mini_batches = p.batch_size * p.num_generations // p.mini_batch_size
         g = self.generation
         if not 1 <= g.min_new_tokens_draw <= g.max_new_tokens_draw:
             raise ConfigError("generation.min_new_tokens_draw must be >= 1 and <= "
@@ -204,20 +212,60 @@ class TrainConfig:
             raise ConfigError(f"steps must be at least 1, got {self.steps}.")
         return self
 
+    def _check_batches(self, world_size: int) -> PPOConfig:
+        p = self.ppo
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                     "ppo_epochs", "num_generations"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(p, name)}.")
+        if p.algorithm != "ppo" and p.num_generations < 2:
+            raise ConfigError(f"ppo.algorithm {p.algorithm!r} compares the samples of each "
+                              "prompt: set ppo.num_generations to 2 or more (e.g. 4).")
+        if p.beta < 0:
+            raise ConfigError(f"ppo.beta must be >= 0, got {p.beta}.")
+        if p.batch_size % world_size:
+            # A prompt's K samples are compared with each other, so they stay on one process.
+            raise ConfigError(f"ppo.batch_size ({p.batch_size} prompts) must be a multiple of "
+                              f"the number of processes ({world_size}).")
+        samples = p.batch_size * p.num_generations
+        if samples % p.mini_batch_size:
+            raise ConfigError(f"ppo.batch_size ({p.batch_size}) x ppo.num_generations "
+                              f"({p.num_generations}) = {samples} samples must be a multiple "
+                              f"of ppo.mini_batch_size ({p.mini_batch_size}).")
+        if p.mini_batch_size % (world_size * p.gradient_accumulation_steps):
+            raise ConfigError(
+                f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of processes "
+                f"({world_size}) x ppo.gradient_accumulation_steps "
+                f"({p.gradient_accumulation_steps}); change one of them.")
+        return p
+
 
 _CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("data", "kind"): ("dialogsum", "rtp"),
     ("reward", "output"): ("logit", "prob"),
     ("reward", "score_on"): ("response", "query+response"),
-    ("ppo", "kl_estimator"): ("kl", "abs", "mse", "full"),
+    ("ppo", "algorithm"): ("ppo", "rloo", "grpo"),
+    ("ppo", "kl_estimator"): ("k1", "k2", "k3", "abs"),
+    ("ppo", "loss_type"): ("grpo", "bnpo", "dr_grpo"),
+    ("ppo", "scale_rewards"): ("group", "batch", "none"),
     ("ppo", "kl_controller"): ("adaptive", "fixed"),
 }
+
+
+# Names and values that mean something else in TRL or OpenRLHF, renamed after their
+# meaning there; a config still using one is refused with the new name.
+RENAMED_OPTIONS = {"ppo.target_kl": "ppo.kl_target", "ppo.horizon": "ppo.kl_horizon"}
+RENAMED_VALUES = {("ppo", "kl_estimator"): {"kl": "k1", "mse": "k2", "full": "k3"}}
 
 
 def _check_choices(cfg: TrainConfig) -> None:
     for (section, name), allowed in _CHOICES.items():
         value = getattr(getattr(cfg, section), name)
+        new = RENAMED_VALUES.get((section, name), {}).get(value)
+        if new is not None:
+            raise ConfigError(f"{section}.{name}: {value!r} is now called {new!r}; write "
+                              f"{section}.{name}: {new}.")
         if value not in allowed:
             raise ConfigError(f"{section}.{name} is {value!r}; choose one of "
                               + ", ".join(repr(a) for a in allowed) + ".")
@@ -288,6 +336,9 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
     unknown = set(raw) - set(fields)
     if unknown:
         name = sorted(unknown)[0]
+        if prefix + name in RENAMED_OPTIONS:
+            raise ConfigError(f"Option {prefix + name!r} was renamed "
+                              f"{RENAMED_OPTIONS[prefix + name]!r}; use the new name.")
         raise ConfigError(f"Unknown option {prefix + name!r}. Options here: "
                           + ", ".join(prefix + n for n in fields) + ".")
     kwargs = {}

@@ -32,7 +32,7 @@ def load_policy(run_dir: str | Path, device: str | None = None):
     default_cpu_threads()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Policy.from_pretrained(cfg.model, trained_adapter=str(run_dir), trainable=False,
-                                  device=device), cfg
+                                  device=device, value_head=False), cfg
 
 
 def generate(run_dir: str | Path, prompts: list[str], which: str = "trained",

@@ -55,7 +55,7 @@ def model_card(run_dir: Path) -> str:
 
 def _front_matter(base: str, data: str | None) -> str:
     meta = {"base_model": base, "library_name": "peft",
-            "tags": ["detoxrl", "lora", "ppo", "rlhf", "detoxification"]}
+            "tags": ["detoxrl", "lora", "rlhf", "detoxification"]}
     if data and not data.startswith("tiny:") and data.count("/") == 1 and "." not in data:
         meta["datasets"] = [data]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
@@ -97,15 +97,25 @@ def _rewards(info: dict, reward: dict) -> str:
             + f"\n\nScored on: {reward.get('score_on', 'response')}.\n")
 
 
+_ALGORITHMS = {
+    "ppo": ("PPO (RLHF variant: per-token KL penalty to the reference, GAE with a value head)",
+            ("kl_controller", "init_kl_coef", "kl_target", "kl_estimator", "cliprange",
+             "vf_coef", "gamma", "lam")),
+    "rloo": ("RLOO (leave-one-out baseline over each prompt's samples, KL in the reward)",
+             ("num_generations", "beta", "kl_estimator", "cliprange")),
+    "grpo": ("GRPO (group-normalised rewards, k3 KL loss term)",
+             ("num_generations", "beta", "loss_type", "scale_rewards", "cliprange")),
+}
+
+
 def _algorithm(cfg: dict, ppo: dict) -> str:
-    keys = ("learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", "kl_controller",
-            "init_kl_coef", "target_kl", "kl_estimator", "cliprange", "vf_coef", "gamma", "lam")
+    name, own = _ALGORITHMS.get(ppo.get("algorithm", "ppo"), _ALGORITHMS["ppo"])
+    keys = ("learning_rate", "batch_size", "mini_batch_size", "ppo_epochs", *own)
     shown = ", ".join(f"{k}={ppo[k]}" for k in keys if k in ppo)
     gen = cfg.get("generation", {})
-    return (f"PPO (RLHF variant, per-token KL penalty to the reference), {cfg.get('steps')} "
-            f"steps: {shown}. Rollouts sample {gen.get('min_new_tokens_draw')}-"
-            f"{gen.get('max_new_tokens_draw')} new tokens at temperature "
-            f"{gen.get('temperature')}.\n")
+    return (f"{name}, {cfg.get('steps')} steps: {shown}. Rollouts sample "
+            f"{gen.get('min_new_tokens_draw')}-{gen.get('max_new_tokens_draw')} new tokens at "
+            f"temperature {gen.get('temperature')}.\n")
 
 
 def _final_metrics(run_dir: Path) -> str:

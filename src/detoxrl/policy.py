@@ -1,4 +1,4 @@
-"""The policy: a pretrained LM with a LoRA adapter and a value head, for T5/BART and GPT/Llama.
+"""The policy: an LM with a LoRA adapter and (PPO) a value head, for T5/BART and GPT/Llama.
 
 Every difference between encoder-decoder and decoder-only models lives in this module:
 the query goes to the encoder (seq2seq) or is concatenated before the response (causal),
@@ -68,15 +68,19 @@ def default_lora(model_type: str, is_seq2seq: bool, lora: LoraSettings):
 
 
 class Policy(nn.Module):
-    """LoRA-adapted LM + value head. ``forward`` scores responses; ``generate`` samples them."""
+    """LoRA-adapted LM (+ value head for PPO). ``forward`` scores responses; ``generate``
+    samples them. Critic-free algorithms build it with ``value_head=False``: no head is
+    built, trained or saved."""
 
-    def __init__(self, peft_model: nn.Module, tokenizer, has_reference_adapter: bool):
+    def __init__(self, peft_model: nn.Module, tokenizer, has_reference_adapter: bool,
+                 value_head: bool = True):
         super().__init__()
         self.model = peft_model
         self.tokenizer = tokenizer
         config = peft_model.get_base_model().config
         self.is_seq2seq = bool(config.is_encoder_decoder)
-        self.value_head = ValueHead(config.get_text_config().hidden_size)
+        hidden_size = config.get_text_config().hidden_size
+        self.value_head = ValueHead(hidden_size) if value_head else None
         self.has_reference_adapter = has_reference_adapter
         forward_params = inspect.signature(peft_model.get_base_model().forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in forward_params
@@ -87,7 +91,7 @@ class Policy(nn.Module):
     @classmethod
     def from_model(cls, base: nn.Module, tokenizer, lora: LoraSettings | None = None,
                    adapter: str | None = None, trained_adapter: str | None = None,
-                   trainable: bool = True) -> Policy:
+                   trainable: bool = True, value_head: bool = True) -> Policy:
         """Wrap ``base`` with the RL adapter ("default") and, if needed, a reference adapter.
 
         - fresh: a new LoRA from ``lora``; reference = adapters off.
@@ -115,14 +119,16 @@ class Policy(nn.Module):
             model.set_adapter("default")
         if not trainable:
             model.requires_grad_(False)
-        policy = cls(model, tokenizer, has_reference_adapter=adapter is not None)
-        policy.value_head.requires_grad_(trainable)
+        policy = cls(model, tokenizer, has_reference_adapter=adapter is not None,
+                     value_head=value_head)
+        if policy.value_head is not None:
+            policy.value_head.requires_grad_(trainable)
         return policy
 
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, lora: LoraSettings | None = None,
                         trained_adapter: str | None = None, trainable: bool = True,
-                        device: torch.device | str = "cpu") -> Policy:
+                        device: torch.device | str = "cpu", value_head: bool = True) -> Policy:
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         device = torch.device(device)
@@ -136,7 +142,8 @@ class Policy(nn.Module):
                                trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
         _ensure_pad_token(tokenizer, base)
-        policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable)
+        policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable,
+                                value_head)
         if cfg.gradient_checkpointing and trainable:
             policy.enable_gradient_checkpointing()
         return policy.to(device)
@@ -209,6 +216,9 @@ class Policy(nn.Module):
             logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        if with_values and self.value_head is None:
+            raise ValueError("This policy has no value head (built with value_head=False); "
+                             "call it with with_values=False.")
         values = self.value_head(hidden) if with_values else None
         entropy = None
         if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
@@ -325,11 +335,12 @@ class Policy(nn.Module):
         return trainable, total, 100.0 * trainable / total
 
     def save(self, out_dir: str | Path) -> None:
-        """The RL adapter in peft format and the value head as safetensors."""
+        """The RL adapter in peft format and the value head (if any) as safetensors."""
         out = Path(out_dir)
         self.model.save_pretrained(out, selected_adapters=["default"])
-        save_file({k: v.detach().cpu().contiguous() for k, v in
-                   self.value_head.state_dict().items()}, out / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in
+                       self.value_head.state_dict().items()}, out / VALUE_HEAD_FILE)
 
     def load_trained(self, adapter_dir: str | Path) -> None:
         """Load adapter and value-head weights written by :meth:`save` (for resuming)."""
@@ -339,7 +350,7 @@ class Policy(nn.Module):
         weights = load_file(adapter_dir / "adapter_model.safetensors")
         set_peft_model_state_dict(self.model, weights, adapter_name="default")
         head = adapter_dir / VALUE_HEAD_FILE
-        if head.exists():
+        if head.exists() and self.value_head is not None:
             self.value_head.load_state_dict(load_file(head))
 
 

@@ -1,4 +1,4 @@
-"""PPO arithmetic for language models: masked statistics, KL-shaped rewards, GAE, losses.
+"""RL arithmetic for language models: masked statistics, KL-shaped rewards, GAE, losses.
 
 The variant is the one of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences") and Stiennon et al. 2020 ("Learning to summarize from human feedback"), as
@@ -23,6 +23,11 @@ Algorithms"):
 * advantages are whitened per batch, and losses average over tokens, not sequences;
 * no entropy bonus enters the loss; :func:`entropy_from_logits` is for logging.
 
+Critic-free variants (no value, K samples per prompt in consecutive rows, one advantage per
+sample spread over its tokens): :func:`rloo_advantages` (Ahmadian et al. 2024),
+:func:`group_advantages` (GRPO, Shao et al. 2024; Dr. GRPO, Liu et al. 2025) and the token
+loss reductions of :func:`aggregate_loss`.
+
 Masks are 0/1 float or bool and select real (response) tokens; per-token tensors are
 ``(B, T)``. Padded positions may hold anything: inputs are selected with ``torch.where``
 rather than multiplied, so a NaN or inf in padding can reach neither outputs nor gradients.
@@ -35,7 +40,9 @@ import math
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("kl", "abs", "mse", "full")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
 # exp() of a larger log-ratio would overflow; at e^10 the policy has diverged anyway.
 _K3_LOG_RATIO_CLAMP = 10.0
 
@@ -95,27 +102,27 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     """Per-token estimate of KL(pi || ref) from the sampled tokens' log-probs. (B, T).
 
     With r = log ref(y) - log pi(y) and y ~ pi (Schulman 2020, "Approximating KL
-    Divergence", http://joschu.net/blog/kl-approx.html):
+    Divergence", http://joschu.net/blog/kl-approx.html; names as in OpenRLHF):
 
-    * ``kl``:   k1 = -r, unbiased, high variance, can be negative per token;
-    * ``abs``:  |r|;
-    * ``mse``:  k2 = r^2 / 2, low variance, biased;
-    * ``full``: k3 = e^r - 1 - r, unbiased (E_pi[e^r] = 1) and >= 0 per token.
+    * ``k1``:  -r, unbiased, high variance, can be negative per token;
+    * ``k2``:  r^2 / 2, low variance, biased;
+    * ``k3``:  e^r - 1 - r, unbiased (E_pi[e^r] = 1) and >= 0 per token;
+    * ``abs``: |r|.
 
-    TRL's ``full`` summed the exact KL over the vocabulary, which needs the full logits of
-    both models at every position; k3 estimates the same KL(pi || ref) from the sampled
-    token alone. r is clamped to [-10, 10] before exp (as OpenRLHF) so it cannot overflow.
+    k3 estimates KL(pi || ref) from the sampled token alone, where TRL-classic's ``full``
+    summed the exact KL over the vocabulary. r is clamped to [-10, 10] before exp (as
+    OpenRLHF) so it cannot overflow. Gradients flow through ``logprobs`` (GRPO's KL loss).
     """
     log_ratio = logprobs - ref_logprobs  # (B, T)
-    if estimator == "kl":
+    if estimator == "k1":
         return log_ratio
-    if estimator == "abs":
-        return log_ratio.abs()
-    if estimator == "mse":
+    if estimator == "k2":
         return 0.5 * log_ratio.square()
-    if estimator == "full":
+    if estimator == "k3":
         r = (-log_ratio).clamp(-_K3_LOG_RATIO_CLAMP, _K3_LOG_RATIO_CLAMP)
         return r.exp() - 1 - r
+    if estimator == "abs":
+        return log_ratio.abs()
     raise ValueError(f"Unknown KL estimator {estimator!r}; choose one of "
                      + ", ".join(repr(e) for e in KL_ESTIMATORS) + ".")
 
@@ -133,7 +140,7 @@ def _last_index(mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
-                      kl_coef: float, estimator: str = "kl") -> tuple[Tensor, Tensor]:
+                      kl_coef: float, estimator: str = "k1") -> tuple[Tensor, Tensor]:
     """r_t = -kl_coef * KL_t, plus the score (B,) at each row's last token (Ziegler 2019, eq. 2).
 
     Returns ``(rewards, kl)``, both (B, T) and 0 on padding; no gradient.
@@ -177,11 +184,11 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
     return torch.where(m, advantages, 0), torch.where(m, returns, 0)
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                cliprange: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised:
+def clipped_pg_losses(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                      cliprange: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token clipped surrogate (Schulman et al. 2017, eq. 7), negated, (B, T), 0 on padding:
 
-        L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - c, 1 + c)),  rho_t = pi / pi_old.
+        l_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - c, 1 + c)),  rho_t = pi / pi_old.
 
     Stats (detached): ``clipfrac``, ``approxkl`` = mean((log rho)^2) / 2 (TRL), ``ratio``.
     """
@@ -192,14 +199,21 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), m),
             "approxkl": 0.5 * masked_mean(log_ratio.square(), m),
             "ratio": masked_mean(ratio, m),
         }
-    return loss, stats
+    return torch.where(m, torch.max(pg_losses, pg_losses2), 0), stats
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate averaged over tokens, L = mean_t l_t (see
+    :func:`clipped_pg_losses`, whose stats it returns)."""
+    pg_losses, stats = clipped_pg_losses(logprobs, old_logprobs, advantages, mask, cliprange)
+    return masked_mean(pg_losses, mask), stats
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -225,6 +239,91 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
             "error": masked_mean(vf_losses1, m),
         }
     return loss, stats
+
+
+def _groups(x: Tensor, group_size: int) -> Tensor:
+    """(N,) -> (N / K, K): row g holds the K samples of prompt g (rows gK .. gK + K - 1)."""
+    if group_size < 2 or x.dim() != 1 or x.shape[0] % group_size:
+        raise ValueError(f"Need whole groups of at least 2 samples: got {tuple(x.shape)} "
+                         f"rewards for groups of {group_size}.")
+    return x.reshape(-1, group_size)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out advantage (Ahmadian et al. 2024, "Back to Basics: Revisiting
+    REINFORCE Style Optimization for Learning from Human Feedback in LLMs", sec. 3.2; Kool et
+    al. 2019): each sample's baseline is the mean reward of the other K - 1 samples of its
+    prompt,
+
+        A_i = R_i - 1 / (K - 1) * sum_{j != i} R_j          (= K / (K - 1) (R_i - mean R)).
+
+    ``rewards`` (N,) holds whole groups of K consecutive samples; returns (N,).
+    """
+    g = _groups(rewards, group_size)                                   # (N/K, K)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+@torch.no_grad()
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
+                     batch_std: Tensor | float | None = None, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2):
+
+        A_i = (R_i - mean_g R) / (s + eps),
+
+    the mean over the K samples of sample i's prompt, and with ``scale``:
+
+    * ``group``: s = std_g R, the group's unbiased std (GRPO, as TRL);
+    * ``batch``: s = ``batch_std`` (e.g. the std of every process's rewards), else the
+      unbiased std of ``rewards``;
+    * ``none``:  no division (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training:
+      A Critical Perspective", sec. 3.1): the std reweights prompts by how hard they are.
+
+    ``rewards`` (N,) holds whole groups of K consecutive samples; returns (N,).
+    """
+    g = _groups(rewards, group_size)                                   # (N/K, K)
+    centred = g - g.mean(1, keepdim=True)
+    if scale == "none":
+        return centred.reshape(-1)
+    if scale == "group":
+        std = g.std(1, keepdim=True)
+    elif scale == "batch":
+        std = torch.as_tensor(rewards.std() if batch_std is None else batch_std,
+                              dtype=rewards.dtype, device=rewards.device)
+    else:
+        raise ValueError(f"Unknown scale {scale!r}; choose one of "
+                         + ", ".join(repr(s) for s in SCALE_REWARDS) + ".")
+    return (centred / (std + eps)).reshape(-1)
+
+
+def sequence_to_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """A per-sequence value (B,) on each of the sequence's tokens, (B, T), 0 on padding."""
+    return torch.where(_as_bool(mask), values[:, None], 0)
+
+
+def aggregate_loss(losses: Tensor, mask: Tensor, loss_type: str,
+                   max_length: int | None = None) -> Tensor:
+    """Reduce per-token losses l_it (B, T) to a scalar, over sequences i of lengths |o_i|:
+
+    * ``grpo``:    1/B sum_i 1/|o_i| sum_t l_it, each sequence's mean (Shao et al. 2024, eq. 3);
+    * ``bnpo``:    sum_it l_it / sum_i |o_i|, a mean over tokens (as PPO here, and DAPO);
+    * ``dr_grpo``: sum_it l_it / (B * L), L = ``max_length`` a constant (Liu et al. 2025,
+      sec. 3.1): no per-sequence length normalisation, so long wrong answers are not favoured.
+      A sequence's loss is then its summed log-prob times its advantage, REINFORCE on the
+      whole response as one action (Ahmadian et al. 2024), scaled by 1/L.
+    """
+    m = _as_bool(mask)
+    if loss_type == "grpo":
+        return masked_mean(losses, m, dim=1).mean()
+    if loss_type == "bnpo":
+        return masked_mean(losses, m)
+    if loss_type == "dr_grpo":
+        if not max_length or max_length < 1:
+            raise ValueError("aggregate_loss('dr_grpo') needs max_length >= 1.")
+        return masked_sum(losses, m) / (losses.shape[0] * max_length)
+    raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of "
+                     + ", ".join(repr(t) for t in LOSS_TYPES) + ".")
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

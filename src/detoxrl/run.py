@@ -102,8 +102,9 @@ def _build_policy(cfg: TrainConfig, device, model, tokenizer, peft_config):
     from .policy import Policy
 
     lora = peft_config if peft_config is not None else cfg.lora
+    value_head = cfg.ppo.has_value_head  # critic-free algorithms build none
     if model is None:
-        policy = Policy.from_pretrained(cfg.model, lora, device=device)
+        policy = Policy.from_pretrained(cfg.model, lora, device=device, value_head=value_head)
         if tokenizer is not None:
             policy.tokenizer = tokenizer
         return policy
@@ -111,7 +112,7 @@ def _build_policy(cfg: TrainConfig, device, model, tokenizer, peft_config):
         raise ConfigError("Pass the base model and the LoRA settings (peft_config=LoraConfig"
                           "(...)) rather than a PeftModel; to continue an existing adapter set "
                           "model.adapter in the config.")
-    policy = Policy.from_model(model, tokenizer, lora, cfg.model.adapter)
+    policy = Policy.from_model(model, tokenizer, lora, cfg.model.adapter, value_head=value_head)
     if cfg.model.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy.to(device)

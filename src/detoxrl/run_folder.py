@@ -1,9 +1,10 @@
 """The run folder on disk: refusing to mix runs, run files, final weights, metric lines.
 
 Layout (``transformers.Trainer`` conventions): the RL adapter in peft format,
-``value_head.safetensors``, the tokenizer and a model card (``README.md``) at the top;
-``config.yaml`` and ``run_info.json`` (versions, seed, command, rewards); ``metrics.jsonl``
-(one line per step); ``samples.jsonl``; ``checkpoints/step-N``. Only the main process writes.
+``value_head.safetensors`` (PPO only), the tokenizer and a model card (``README.md``) at the
+top; ``config.yaml`` and ``run_info.json`` (algorithm, versions, seed, command, rewards);
+``metrics.jsonl`` (one line per step); ``samples.jsonl``; ``checkpoints/step-N``. Only the
+main process writes.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def run_info(cfg: TrainConfig, accelerator=None, rewards: list[dict] | None = No
     import transformers
 
     return {
-        "seed": cfg.seed, "command": sys.argv, "detoxrl": __version__,
+        "algorithm": cfg.ppo.algorithm, "seed": cfg.seed, "command": sys.argv,
+        "detoxrl": __version__,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "accelerate": accelerate.__version__, "datasets": datasets.__version__},

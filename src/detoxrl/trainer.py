@@ -1,13 +1,15 @@
-"""PPO for text generators with a per-token KL penalty to a frozen reference.
+"""RL for text generators with a KL penalty to a frozen reference: PPO, RLOO or GRPO.
 
-This is the RLHF variant of PPO (Ziegler et al. 2019; Stiennon et al. 2020) in the style of
-TRL's classic trainer: one episode is one response; the reward is the classifier's score at
-the last response token minus ``kl_coef * KL`` at every token; advantages come from GAE over
-response tokens; the policy and value losses are clipped (Schulman et al. 2017). Unlike the
-TRL code the tutorial ran, every response token is scored (the first T5 token included),
-dropout is off throughout, and the reference is the starting policy.
+By default this is the RLHF variant of PPO (Ziegler et al. 2019; Stiennon et al. 2020) in
+the style of TRL's classic trainer: one episode is one response; the reward is the
+classifier's score at the last response token minus ``kl_coef * KL`` at every token;
+advantages come from GAE over response tokens; the policy and value losses are clipped
+(Schulman et al. 2017). Unlike the TRL code the tutorial ran, every response token is scored
+(the first T5 token included), dropout is off throughout, and the reference is the starting
+policy. ``ppo.algorithm`` swaps in RLOO or GRPO, which differ only in their rewards,
+advantages and loss (``detoxrl.algorithms``); rollout, scoring and forwards are shared.
 
-One call of :meth:`PPOTrainer.step` is one PPO iteration, in numbered steps.
+One call of :meth:`PPOTrainer.step` is one iteration, in numbered steps.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from . import distributed as dist
 from . import rl_math
+from .algorithms import make_algorithm
 from .batch import Rollout
 from .config import TrainConfig
 from .generation import draw_lengths
@@ -41,8 +44,10 @@ class StepResult:
 
 def make_kl_controller(cfg: TrainConfig):
     p = cfg.ppo
+    if not p.has_value_head:  # rloo, grpo: a fixed beta, as in their papers
+        return rl_math.FixedKLController(p.beta)
     if p.kl_controller == "adaptive":
-        return rl_math.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon)
+        return rl_math.AdaptiveKLController(p.init_kl_coef, p.kl_target, p.kl_horizon)
     return rl_math.FixedKLController(p.init_kl_coef)
 
 
@@ -56,6 +61,7 @@ class PPOTrainer:
         self.policy: Policy = accelerator.unwrap_model(policy)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.kl_ctl = make_kl_controller(cfg)
+        self.algorithm = make_algorithm(cfg, accelerator, self.kl_ctl)
         self.score_moments = rl_math.RunningMoments()
         self.skipped_steps = 0
 
@@ -70,16 +76,17 @@ class PPOTrainer:
             batch, raw_scores = self.score(batch, columns)
         with timer("forward"):                                   # 3. old/ref log-probs, values
             batch = self.forward_old_and_ref(batch)
-        if not dist.all_finite(self.accelerator, batch.scores, batch.logprobs,
-                               batch.ref_logprobs, batch.values):
+        if not dist.all_finite(self.accelerator, *[t for t in (
+                batch.scores, batch.logprobs, batch.ref_logprobs, batch.values) if t is not None]):
             return self._skip(batch, timer, "non-finite scores or log-probs")
-        batch, kl = self.shape_rewards(batch)                    # 4. KL-shaped rewards
-        batch = self.compute_advantages(batch)                   # 5. advantages, returns
-        with timer("optimize"):                                  # 6-7. PPO epochs + steps
+        batch, kl = self.algorithm.rewards(batch)                # 4. rewards (algorithm's)
+        batch = self.algorithm.advantages(batch)                 # 5. advantages (algorithm's)
+        with timer("optimize"):                                  # 6-7. epochs + steps
             train_stats = self.ppo_epochs(batch, step_seed)
         mean_kl = float(dist.global_mean(self.accelerator, kl.sum(1)))
         kl_coef = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, self.cfg.ppo.batch_size)     # 8. KL controller
+        p = self.cfg.ppo
+        self.kl_ctl.update(mean_kl, p.batch_size * p.num_generations)  # 8. KL controller
         metrics = self.log_metrics(batch, raw_scores, kl, kl_coef, train_stats, timer)  # 9. log
         return StepResult(batch, metrics)
 
@@ -94,8 +101,10 @@ class PPOTrainer:
         device = self.accelerator.device
         # ZeRO-3 shards the weights: every forward is a collective, so a rank whose responses
         # end early must keep stepping until all ranks are done (synced_gpus).
+        # K samples per prompt (rloo, grpo) in consecutive rows, all on this process.
         return self.policy.generate(query_ids.to(device), query_mask.to(device), g, limits,
-                                    queries, synced_gpus=dist.zero_stage(self.accelerator) == 3)
+                                    queries, synced_gpus=dist.zero_stage(self.accelerator) == 3,
+                                    num_return_sequences=self.cfg.ppo.num_generations)
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
@@ -131,7 +140,7 @@ class PPOTrainer:
         padding. The old pass reuses the rollout's encoder output (seq2seq), which is then
         dropped; the reference needs its own, as the adapter also changes the encoder.
         """
-        t = self.cfg.generation.temperature
+        t, with_values = self.cfg.generation.temperature, self.cfg.ppo.has_value_head
         logprobs, ref_logprobs, values = (torch.zeros_like(batch.response_mask, dtype=torch.float)
                                           for _ in range(3))                           # (B, T)
         order = batch.query_mask.sum(1).argsort(descending=True).cpu()
@@ -139,42 +148,19 @@ class PPOTrainer:
             mb = batch.select(idx)
             with self._autocast():
                 out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
-                                  mb.response_mask, t, encoder_hidden=mb.encoder_hidden)
+                                  mb.response_mask, t, with_values=with_values,
+                                  encoder_hidden=mb.encoder_hidden)
                 with self.policy.reference():
                     ref = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
                                       mb.response_mask, t, with_values=False)
             rows, width = idx.to(logprobs.device), mb.response_ids.shape[1]
             logprobs[rows, :width] = out.logprobs.float()
             ref_logprobs[rows, :width] = ref.logprobs.float()
-            values[rows, :width] = out.values.float()
+            if with_values:
+                values[rows, :width] = out.values.float()
         mask = batch.response_mask.float()
         return replace(batch, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
-                       values=values * mask, encoder_hidden=None)
-
-    # ------------------------------------------------------------------ 4. rewards
-    def shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor]:
-        p = self.cfg.ppo
-        rewards, kl = rl_math.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs,
-                                                batch.response_mask, self.kl_ctl.value,
-                                                p.kl_estimator)
-        if p.whiten_rewards:
-            mean, var, _ = dist.global_masked_moments(self.accelerator, rewards,
-                                                      batch.response_mask)
-            rewards = rl_math.masked_whiten(rewards, batch.response_mask, shift_mean=False,
-                                            mean=mean, var=var)
-        return replace(batch, rewards=rewards), kl
-
-    # ------------------------------------------------------------------ 5. advantages
-    def compute_advantages(self, batch: Rollout) -> Rollout:
-        p = self.cfg.ppo
-        advantages, returns = rl_math.gae_advantages(batch.rewards, batch.values,
-                                                     batch.response_mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            mean, var, _ = dist.global_masked_moments(self.accelerator, advantages,
-                                                      batch.response_mask)
-            advantages = rl_math.masked_whiten(advantages, batch.response_mask, mean=mean,
-                                               var=var)
-        return replace(batch, advantages=advantages, returns=returns)
+                       values=values * mask if with_values else None, encoder_hidden=None)
 
     # ------------------------------------------------------------------ 6-7. PPO epochs
     def ppo_epochs(self, batch: Rollout, step_seed: int) -> list[dict[str, Tensor]]:
@@ -213,20 +199,14 @@ class PPOTrainer:
         return out
 
     def loss(self, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        p, mask = self.cfg.ppo, mb.response_mask
+        """The algorithm's loss on a micro-batch, under the current weights."""
+        mask = mb.response_mask
         with self._autocast():
             out = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mask,
-                             self.cfg.generation.temperature, with_entropy=True)
-        pg_loss, pg_stats = rl_math.policy_loss(out.logprobs.float(), mb.logprobs,
-                                                mb.advantages, mask, p.cliprange)
-        vf_loss, vf_stats = rl_math.value_loss(out.values.float(), mb.values, mb.returns, mask,
-                                               p.cliprange_value)
-        loss = pg_loss + p.vf_coef * vf_loss
-        stats = {"loss/total": loss.detach(), "loss/policy": pg_loss.detach(),
-                 "loss/value": vf_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
-                 "policy/approxkl": pg_stats["approxkl"], "val/clipfrac": vf_stats["clipfrac"],
-                 "val/vpred": vf_stats["vpred"],
-                 "policy/entropy": rl_math.masked_mean(out.entropy.detach(), mask)}
+                             self.cfg.generation.temperature,
+                             with_values=self.cfg.ppo.has_value_head, with_entropy=True)
+        loss, stats = self.algorithm.loss(out, mb)
+        stats["policy/entropy"] = rl_math.masked_mean(out.entropy.detach(), mask)
         return loss, stats
 
     # ------------------------------------------------------------------ 9. log
@@ -244,10 +224,17 @@ class PPOTrainer:
             "env/reward_std": reward_var.sqrt(),
             "env/response_length": dist.global_mean(acc, mask.sum(1).float()),
             "env/eos_fraction": dist.global_mean(acc, batch.ended_with_eos.float()),
-            "ppo/mean_non_score_reward": dist.global_mean(acc, (-kl_coef * kl).sum(1)),
-            "ppo/returns/mean": _global_masked_mean(acc, batch.returns, mask),
+            "ppo/mean_non_score_reward": dist.global_mean(
+                acc, (-(kl_coef if self.algorithm.kl_in_reward else 0.0) * kl).sum(1)),
             "ppo/policy/advantages_mean": _global_masked_mean(acc, batch.advantages, mask),
         }
+        if batch.returns is not None:
+            m["ppo/returns/mean"] = _global_masked_mean(acc, batch.returns, mask)
+        k = self.cfg.ppo.num_generations
+        if k > 1:  # groups whose K samples all scored alike teach rloo and grpo nothing
+            groups = raw.reshape(-1, k)
+            m["env/frac_reward_zero_std"] = dist.global_mean(
+                acc, (groups.amax(1) == groups.amin(1)).float())
         for key in train_stats[0]:
             if key != "skipped":
                 m["ppo/" + key] = dist.global_mean(acc, torch.stack([s[key] for s in

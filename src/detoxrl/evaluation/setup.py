@@ -198,8 +198,9 @@ def load_policy(target: Target, device: torch.device):
     from ..policy import Policy
 
     cfg = target.cfg
+    # Evaluation needs no value head, whichever algorithm trained the adapter.
     return Policy.from_pretrained(cfg.model, cfg.lora, trained_adapter=str(target.adapter),
-                                  trainable=False, device=device)
+                                  trainable=False, device=device, value_head=False)
 
 
 def held_out_prompts(cfg: TrainConfig, tokenizer):
