@@ -245,7 +245,7 @@ def test_resume_is_exact_and_writes_no_value_head(tmp_path, algorithm, arch, ext
         assert (run / "adapter_model.safetensors").exists()
         assert not (run / VALUE_HEAD_FILE).exists()
     assert resumed.trainer.policy.value_head is None
-    with pytest.raises(ConfigError, match=f"trained with ppo.algorithm '{algorithm}'"):
+    with pytest.raises(ConfigError, match=f"ppo.algorithm: '{algorithm}' in the run, 'ppo' now"):
         train(_cfg(tmp_path / "cut", arch, "ppo", *extra[:4]), resume=True, quiet=True)
 
 
