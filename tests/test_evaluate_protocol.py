@@ -184,6 +184,9 @@ def test_report_shows_the_papers_table(run_dir, judge_module):
     assert "RealToxicityPrompts protocol" in html and "Judge profanity-check" in html
     for column in ("Exp. max tox.", "Tox. prob.", "Avg. tox.", "PPL", "Dist-1", "Dist-3"):
         assert f"<th>{column}</th>" in html
+    card = (run_dir / "README.md").read_text()  # the model card is refreshed too
+    assert "| model | Exp. max tox. | Tox. prob." in card and "Judge profanity-check" in card
+    assert "| change [95% CI] |" in card and "Not evaluated yet" not in card
 
 
 @pytest.mark.parametrize("args, message", [

@@ -138,6 +138,11 @@ def _final_metrics(run_dir: Path) -> str:
 
 def _evaluation(run_dir: Path) -> str:
     summary = _read_json(run_dir / "eval" / "summary.json")
+    if isinstance(summary, dict) and isinstance(summary.get("protocol"), dict):
+        from .evaluation.protocol_table import markdown_tables
+
+        return ("Held-out prompts, reference (before) vs this adapter (after), the "
+                "detoxification papers' measures:\n\n" + markdown_tables(summary["protocol"]))
     metrics = (summary or {}).get("metrics") if isinstance(summary, dict) else None
     if not isinstance(metrics, dict):
         return (f"Not evaluated yet: run `detoxrl evaluate {run_dir}` (held-out prompts, "

@@ -102,3 +102,21 @@ def _change_cell(m: dict[str, Any]) -> str:
     css = {"improved": ' class="improved"', "worse": ' class="worse"'}.get(verdict, "")
     return (f"{_signed(m.get('change'))} [{_signed(m.get('ci_low'))}, "
             f"{_signed(m.get('ci_high'))}] <span{css}>{html.escape(verdict)}</span>")
+
+
+def markdown_tables(protocol: dict[str, Any]) -> str:
+    """The tables in Markdown (the model card), the change row with its interval."""
+    head = "| model | " + " | ".join(n for _, n in COLUMNS) + " |"
+    rule = "| --- |" + " ---: |" * len(COLUMNS)
+    parts = [header(protocol)]
+    for title, cols in tables(protocol):
+        rows = [f"**{title}**", "", head, rule]
+        for row, label in (("before", "before (reference)"), ("after", "after (trained)")):
+            rows.append(f"| {label} | " + " | ".join(
+                _num(cols.get(k, {}).get(row)) for k, _ in COLUMNS) + " |")
+        rows.append("| change [95% CI] | " + " | ".join(
+            f"{_signed(m.get('change'))} [{_signed(m.get('ci_low'))}, "
+            f"{_signed(m.get('ci_high'))}]" for m in (cols.get(k, {}) for k, _ in COLUMNS))
+            + " |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"

@@ -173,11 +173,15 @@ def write_evaluation(out_dir: Path, gen: Generations, scores: dict[str, list[flo
 
 
 def rebuild_report(out_dir: Path) -> Path | None:
-    """Rebuild ``<run>/report.html`` when results went to ``<run>/eval`` (where it reads)."""
+    """Rebuild ``<run>/report.html`` and the model card ``<run>/README.md`` when results
+    went to ``<run>/eval`` (where both read them)."""
+    from ..model_card import write_model_card
     from .report import build_report
 
     if out_dir.name != EVAL_DIR:
         return None
+    if (out_dir.parent / "README.md").exists():  # a training run's folder: its card
+        write_model_card(out_dir.parent)
     try:
         return build_report(out_dir.parent)
     except DetoxError:
