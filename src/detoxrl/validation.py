@@ -68,7 +68,8 @@ def check_ranges(cfg: Any) -> None:
         if not found or value is None or isinstance(value, bool):
             continue
         if not isinstance(value, (int, float)) or not in_range(value, spec):
-            what = "a finite number " if spec[0] in "<>" else "in "
+            what = "in " if spec[0] not in "<>" else (
+                "a number " if isinstance(value, int) else "a finite number ")
             raise ConfigError(f"{key} must be {what}{spec}, got {value!r}. Set --{key} "
                               "to a value in that range.")
     _check_scheduler(cfg)

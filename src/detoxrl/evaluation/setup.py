@@ -114,6 +114,8 @@ def check_options(opts: EvalOptions) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if opts.seed is not None and not 0 <= opts.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, {2**32 - 1}], got {opts.seed}.")
     if opts.score_on not in SCORE_ON:
         raise ConfigError(f"--score-on is {opts.score_on!r}; choose one of {', '.join(SCORE_ON)}.")
     if opts.protocol is not None and opts.protocol not in PROTOCOLS:
