@@ -113,6 +113,10 @@ def load_checkpoint(path: Path, policy, optimizer) -> dict:
     if problem:
         raise ConfigError(f"Checkpoint {str(path)!r} is damaged: {problem}. Resume from "
                           "another checkpoint, or start again with --overwrite.")
+    return _load(path, policy, optimizer)
+
+
+def _load(path: Path, policy, optimizer) -> dict:
     policy.load_trained(path / "adapter")
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(
@@ -131,12 +135,17 @@ def load_latest(run_dir: Path, policy, optimizer, announce: bool = True) -> dict
     """
     damaged = []
     for path in reversed(list_checkpoints(run_dir)):
-        try:
-            state = load_checkpoint(path, policy, optimizer)
-        except Exception as exc:  # safetensors, JSON, peft and torch all raise their own
+        problem = checkpoint_problem(path, expects_value_head=_has_trainable_head(policy))
+        if problem is None:
+            try:
+                state = _load(path, policy, optimizer)
+            except Exception as exc:  # safetensors, JSON, peft and torch raise their own
+                problem = f"it cannot be loaded ({_short(exc)})"
+        if problem is not None:
             damaged.append(path.name)
             if announce:
-                warnings.warn(f"Checkpoint {path} cannot be used: {_short(exc)}", stacklevel=2)
+                warnings.warn(f"Checkpoint {path} is damaged, skipping it: {problem}.",
+                              stacklevel=2)
             continue
         if damaged and announce:
             warnings.warn(f"Resuming from {path}, the newest intact checkpoint (skipped: "
