@@ -143,7 +143,8 @@ def _check_utf8(path: Path) -> None:
             except UnicodeDecodeError as exc:
                 raise DataError(f"Data file {str(path)!r} is not UTF-8 text (byte "
                                 f"0x{block[exc.start]:02x} at offset {offset + exc.start}). "
-                                "Save it as UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
+                                f"A {path.suffix} file must be {_EXPECTED[path.suffix.lower()]}"
+                                " in UTF-8; re-save it, e.g. iconv -f latin1 -t utf-8.") from None
             offset += len(block)
     try:
         decoder.decode(b"", final=True)
