@@ -40,11 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DetoxError as exc:
-        print(f"detoxrl {args.command}: error: {exc}", file=sys.stderr)
+        if _is_main_rank():  # every rank raises the same error; one copy is enough
+            print(f"detoxrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"detoxrl {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a launched multi-process run, or a plain single process."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .validation import check_ranges, read_yaml_mapping, truncated, truncated_message
 
 DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
@@ -192,6 +193,7 @@ class TrainConfig:
     def finalize(self, world_size: int = 1) -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not."""
         _check_choices(self)
+        check_ranges(self)
         p = self._check_batches(world_size)
         p.world_size = world_size
         p.local_batch_size = p.batch_size // world_size
@@ -277,20 +279,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 cls: type = TrainConfig) -> Any:
     """Build a config from an optional YAML file and ``--a.b value`` / ``a.b=value`` overrides."""
     raw: dict = {}
+    text = ""
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a YAML file, "
                               "e.g. --config configs/tiny.yaml.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of options.")
+        raw, text = read_yaml_mapping(path)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
-    return from_dict(cls, raw)
+    try:
+        cfg = from_dict(cls, raw)
+    except ConfigError:
+        if path is not None and truncated(text):
+            raise ConfigError(truncated_message(path)) from None
+        raise
+    check_ranges(cfg)
+    return cfg
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
@@ -301,7 +306,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         if arg.startswith("--") and "=" in arg:
             key, text = arg[2:].split("=", 1)
         elif arg.startswith("--"):
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"Option {arg} needs a value, e.g. {arg} 3.")
             key, text = arg[2:], args[i + 1]
             i += 1

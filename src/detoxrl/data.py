@@ -118,6 +118,8 @@ def _read_file(path: Path) -> Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"Data file {str(path)!r} is empty. Point data.path at a file with "
                         "data.")
+    if fmt in ("json", "csv"):
+        _check_utf8(path)
     # A throwaway cache: the rows are kept in memory, so nothing is left in ~/.cache.
     with tempfile.TemporaryDirectory(prefix="detoxrl-data-") as cache:
         try:
@@ -127,6 +129,28 @@ def _read_file(path: Path) -> Dataset:
             raise DataError(f"Cannot read {str(path)!r}: {exception_summary(exc)}. A "
                             f"{path.suffix} file must be {_EXPECTED[path.suffix.lower()]}; "
                             "fix or convert it.") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Text data must be UTF-8; say where it is not rather than quote pyarrow's parser."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"Data file {str(path)!r} is not UTF-8 text (byte "
+                                f"0x{block[exc.start]:02x} at offset {offset + exc.start}). "
+                                f"A {path.suffix} file must be {_EXPECTED[path.suffix.lower()]}"
+                                " in UTF-8; re-save it, e.g. iconv -f latin1 -t utf-8.") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"Data file {str(path)!r} ends in the middle of a UTF-8 character "
+                        "(truncated?). Restore or re-save the file.") from None
 
 
 def _read_named(source: str, split: str) -> Dataset:

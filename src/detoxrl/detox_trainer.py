@@ -97,7 +97,7 @@ class DetoxTrainer:
         or the path of a ``checkpoints/step-N`` folder. ``overwrite_output_dir`` removes a
         previous run's files from ``args.output_dir`` first.
         """
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, load_latest
         from .run import _setup_deepspeed
 
         out, acc = Path(self.args.output_dir), self.accelerator
@@ -105,11 +105,12 @@ class DetoxTrainer:
         if resume:
             _setup_deepspeed(self.args, acc, resume=True)  # refuses resume under DeepSpeed
         start = run_folder.check_output_dir(out, resume, overwrite_output_dir, acc, self.args)
-        if isinstance(resume_from_checkpoint, (str, Path)):
-            start = Path(resume_from_checkpoint)
         first_step = 0
         if start is not None:
-            state = load_checkpoint(start, self.policy, self.ppo.optimizer)
+            state = (load_checkpoint(Path(resume_from_checkpoint), self.policy,
+                                     self.ppo.optimizer)
+                     if isinstance(resume_from_checkpoint, (str, Path)) else
+                     load_latest(out, self.policy, self.ppo.optimizer, acc.is_main_process))
             self.ppo.load_state_dict(state)
             first_step = state["step"]
         if acc.is_main_process:

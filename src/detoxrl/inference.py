@@ -53,6 +53,12 @@ def generate(run_dir: str | Path, prompts: list[str], which: str = "trained",
         raise DetoxError(f"--with is {which!r}; choose one of {', '.join(WHICH)}.")
     if max_new_tokens < 1:
         raise DetoxError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+    from .validation import SEED_MAX, in_range
+
+    for option, value, spec in (("--temperature", temperature, "> 0"),
+                                ("--top-p", top_p, "(0, 1]"), ("--seed", seed, f"[0, {SEED_MAX}]")):
+        if not in_range(value, spec):
+            raise DetoxError(f"{option} must be {spec}, got {value}.")
     policy, cfg = load_policy(run_dir, device)
     if template:
         prompts = [cfg.data.template.format(**{cfg.data.text_column: p}) for p in prompts]

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -100,3 +101,36 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Refuse, before anything is written, a folder that cannot be created or written.
+
+    ``path`` need not exist; its nearest existing ancestor must be a writable folder.
+    """
+    from .errors import ConfigError
+
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{option} {str(path)!r} cannot be created: {str(probe)!r} is a "
+                          "file, not a folder. Choose another folder.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {str(path)!r} cannot be written: {str(probe)!r} is "
+                          "read-only for this user. Choose a folder you can write to.")
+
+
+# Hidden siblings left by a save killed mid-way: _sibling's .NAME.tmp-XXXXXXXX /
+# .NAME.old-XXXXXXXX, and the .final-* folder of the run's final weights.
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$|^\.final-")
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders a killed save left in ``folder``."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if LEFTOVER.match(p.name)] if folder.is_dir() else []
+    for path in found:
+        _remove(path)
+    return found

@@ -27,10 +27,20 @@ def resolve_dtype(name: str, model_type: str, device: torch.device) -> torch.dty
 
 
 def _hub_hint(name: str) -> str:
+    from pathlib import Path
+
+    from .preflight import looks_local
+
+    if looks_local(name) or Path(name).expanduser().exists():
+        # A path: a download hint would send the user to the Hub for a file of theirs.
+        return (f"Could not load {name!r} from the local folder: check that it exists and "
+                "holds config.json, the weights and the tokenizer files (as written by "
+                "save_pretrained).")
     return (f"Could not load {name!r}. If it is a Hub id, the Hugging Face Hub may be "
             "unreachable from this machine: download it elsewhere (e.g. `hf download "
             f"{name} --local-dir DIR`) and pass the local folder instead. If it is a local "
-            "path, check that the folder exists and holds config.json and the weights.")
+            "path, write it as ./NAME and check that the folder exists and holds config.json "
+            "and the weights.")
 
 
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -60,6 +70,28 @@ def load_pretrained(auto_cls, name: str, **kwargs):
         return auto_cls.from_pretrained(tiny.resolve(name), **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
+
+
+def check_lora_targets(auto_cls, hf_config, targets, trust_remote_code: bool = False) -> None:
+    """Refuse LoRA target modules the model does not have, before its weights load.
+
+    The model is built on the meta device (no memory, no weights) just to list its module
+    names; a target matches a module whose name is it or ends with ``.target``, as in peft.
+    """
+    if not targets or isinstance(targets, str):  # a peft regex is peft's to match
+        return
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = auto_cls.from_config(hf_config, trust_remote_code=trust_remote_code)
+    names = [n for n, _ in skeleton.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D")})
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} not found in "
+                          f"this {hf_config.model_type} model. Its linear layers are: "
+                          + ", ".join(linear) + ".")
 
 
 def freeze_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -138,6 +138,11 @@ class Policy(nn.Module):
         hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
         auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+        if trained_adapter is None and cfg.adapter is None:  # a fresh LoRA: targets must exist
+            from .loading import check_lora_targets
+
+            check_lora_targets(auto_cls, hf_config, _lora_targets(hf_config, lora),
+                               cfg.trust_remote_code)
         base = load_pretrained(auto_cls, cfg.name_or_path, dtype=dtype, revision=cfg.revision,
                                trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
@@ -352,6 +357,13 @@ class Policy(nn.Module):
         head = adapter_dir / VALUE_HEAD_FILE
         if head.exists() and self.value_head is not None:
             self.value_head.load_state_dict(load_file(head))
+
+
+def _lora_targets(hf_config, lora):
+    if hasattr(lora, "peft_type"):
+        return lora.target_modules
+    return default_lora(hf_config.model_type, hf_config.is_encoder_decoder,
+                        lora or LoraSettings()).target_modules
 
 
 _ADAPTER_HINT = ("pass a folder written by save_pretrained (adapter_config.json + "

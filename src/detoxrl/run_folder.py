@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from . import __version__
 from .checkpoint import list_checkpoints
 from .config import TrainConfig, to_dict
 from .errors import ConfigError
-from .io import atomic_write_json, atomic_write_text, to_jsonable
+from .io import atomic_write_json, atomic_write_text, check_writable, remove_leftovers, to_jsonable
 
 # What a run writes at the top of its folder; --overwrite removes these and nothing else.
 RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "samples.md", "checkpoints", "eval",
@@ -46,15 +47,22 @@ def precheck_output_dir(out: Path, resume: bool, overwrite: bool,
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite deletes "
                           "it; pass only one of them.")
+    check_writable(out, "output_dir")
     if resume and not list_checkpoints(out):
         raise ConfigError(f"Nothing to resume in {str(out)!r}: it holds no checkpoints/"
                           "step-N folder. Set save_every to write checkpoints, or start "
                           "without --resume.")
-    if not resume and not overwrite and (out / "metrics.jsonl").exists():
+    if not resume and not overwrite and holds_results(out):
         raise ConfigError(f"{str(out)!r} already holds a run. Pass --resume to continue it, "
                           "--overwrite to start again, or choose another --output-dir.")
     if resume and cfg is not None:
         check_resume_config(out, cfg)
+
+
+def holds_results(out: Path) -> bool:
+    """A run that wrote a checkpoint or its final weights; one killed before its first
+    checkpoint left only logs, which a new start replaces."""
+    return bool(list_checkpoints(out)) or (out / "adapter_model.safetensors").exists()
 
 
 def check_resume_config(out: Path, cfg: TrainConfig) -> None:
@@ -89,10 +97,18 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, accelerator,
                      cfg: TrainConfig | None = None) -> Path | None:
     """The checkpoint to resume from, or None; with ``overwrite``, the old run is removed."""
     precheck_output_dir(out, resume, overwrite, cfg)
+    if accelerator.is_main_process:
+        for folder in (out, out / "checkpoints"):
+            for path in remove_leftovers(folder):
+                warnings.warn(f"Removed {path}, left by a save that was killed.", stacklevel=2)
     if resume:
         check_world_size(out, accelerator.num_processes)
         return list_checkpoints(out)[-1]
-    if overwrite and accelerator.is_main_process:
+    restart = (out / "metrics.jsonl").exists() and not overwrite
+    if restart and accelerator.is_main_process:
+        warnings.warn(f"{str(out)!r} holds a run stopped before its first checkpoint; "
+                      "starting it again.", stacklevel=2)
+    if (overwrite or restart) and accelerator.is_main_process:
         for name in RUN_OUTPUTS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

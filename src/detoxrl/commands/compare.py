@@ -64,6 +64,7 @@ def comparison(tgt, opts, reuse: bool = True):
 
     opts = dataclasses.replace(opts, samples_per_prompt=1)  # the table has one row per prompt
     setup.check_options(opts)
+    setup.check_evaluation_current(tgt.out_dir, tgt.adapter)  # its report would mix adapters
     found = reusable_generations(tgt, opts) if reuse else None
     reused = found is not None
     if found is None:

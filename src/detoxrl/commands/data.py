@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data import build_prompts
 
     cfg = load_config(args.config, args.overrides)
+    if args.output:
+        from ..io import check_writable
+
+        check_writable(args.output, "--output")
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     else:

@@ -60,7 +60,7 @@ def stage_overrides(extra: list[str]) -> dict[str, list[str]]:
                               "--policy.KEY or --rl.KEY followed by a value.")
         if "=" in rest:
             out[stage].append("--" + rest)
-        elif i + 1 < len(extra):
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             out[stage] += ["--" + rest, extra[i + 1]]
             i += 1
         else:

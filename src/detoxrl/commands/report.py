@@ -29,6 +29,13 @@ def run(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise DetoxError(f"Run folder {str(run_dir)!r} does not exist. Pass the output_dir "
                          "of a training run, e.g. detoxrl report runs/detoxrl.")
+    from ..evaluation.setup import check_evaluation_current
+
+    check_evaluation_current(run_dir / "eval")
+    if args.output:
+        from ..io import check_writable
+
+        check_writable(Path(args.output).parent, "--output")
     path = build_report(run_dir, args.output)
     print(f"Report written to {path}")
     if (run_dir / "adapter_config.json").is_file():  # the model card shows the evaluation too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from .. import __version__
 from ..config import SamplingConfig, TrainConfig, load_config, to_dict
 from ..errors import ConfigError, DataError, ModelLoadError
+from ..io import check_writable
 
 EVAL_DIR = "eval"
 DEFAULT_MAX_NEW_TOKENS = 100  # the tutorial evaluated toxicity on 100-token responses
@@ -101,6 +103,7 @@ def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
     cfg = load_config(config, list(overrides))
     # An explicit --adapter (a checkpoint, say) keeps its results apart from the run's own.
     out = Path(output) if output else (adapter_dir if adapter else Path(run_dir)) / EVAL_DIR
+    check_writable(out, "--output")
     return Target(cfg, adapter_dir, out)
 
 
@@ -111,6 +114,8 @@ def check_options(opts: EvalOptions) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if opts.seed is not None and not 0 <= opts.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, {2**32 - 1}], got {opts.seed}.")
     if opts.score_on not in SCORE_ON:
         raise ConfigError(f"--score-on is {opts.score_on!r}; choose one of {', '.join(SCORE_ON)}.")
     if opts.protocol is not None and opts.protocol not in PROTOCOLS:
@@ -237,3 +242,28 @@ def eval_prompts(cfg: TrainConfig, opts: EvalOptions, tokenizer):
 def first_prompts(test, n: int | None):
     """The first ``n`` prompts of ``test`` (all of them for ``None``)."""
     return test.select(range(len(test) if n is None else min(n, len(test))))
+
+
+def check_evaluation_current(out_dir: Path, adapter_dir: Path | None = None) -> None:
+    """Refuse an evaluation in ``out_dir`` made for another adapter than the one on disk.
+
+    summary.json records the SHA-256 of the adapter it evaluated; after the run is trained
+    again (``--overwrite``, ``--resume``) it describes weights that are gone. ``adapter_dir``
+    defaults to the adapter the summary names.
+    """
+    path = Path(out_dir) / "summary.json"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # nothing readable: the report says so itself
+    recorded = settings.get("adapter_sha256")
+    adapter = Path(adapter_dir or settings.get("adapter") or "")
+    weights = adapter / ADAPTER_WEIGHTS
+    if not recorded or not weights.is_file():
+        return
+    if file_sha256(weights) != recorded:
+        raise ConfigError(
+            f"{str(path)!r} evaluated another adapter than {str(weights)!r} (SHA-256 "
+            f"{recorded[:12]}… recorded, {file_sha256(weights)[:12]}… on disk): the run was "
+            "trained again after it was evaluated. Refresh the evaluation with `detoxrl "
+            "evaluate RUN_DIR` (with the same --adapter/--output, if you used them).")
