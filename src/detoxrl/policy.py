@@ -101,7 +101,8 @@ class Policy(nn.Module):
         from peft import PeftModel, get_peft_model
 
         config = base.config
-        _ensure_pad_token(tokenizer, base)
+        if tokenizer is not None:  # a bare network (parameter counts) needs none
+            _ensure_pad_token(tokenizer, base)
         start = trained_adapter or adapter
         if start is None:
             # ``lora``: our settings, or a ready ``peft.LoraConfig`` used as it is.
