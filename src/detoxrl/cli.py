@@ -1,4 +1,5 @@
-"""The ``detoxrl`` command: ``data``, ``train``, ``evaluate``, ``compare`` and ``report``.
+"""The ``detoxrl`` command: ``data``, ``sft``, ``train-reward``, ``train``, ``evaluate``,
+``compare`` and ``report``.
 
 Each subcommand lives in ``detoxrl.commands.<name>`` with a ``register(subparsers)`` that
 adds its parser and sets ``func``. Errors a user can fix (``DetoxError``) are printed as one
@@ -16,14 +17,14 @@ from .errors import DetoxError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import compare, data, evaluate, report, train
+    from .commands import compare, data, evaluate, report, supervised, train
 
     parser = argparse.ArgumentParser(
         prog="detoxrl", description="Make text generators less toxic with PPO from a "
         "classifier's feedback.")
     parser.add_argument("--version", action="version", version=f"detoxrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, evaluate, compare, report):
+    for module in (data, supervised, train, evaluate, compare, report):
         module.register(sub)
     return parser
 
