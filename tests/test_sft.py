@@ -145,8 +145,8 @@ def test_corpus_keeps_every_held_out_rtp_record_out(tmp_path):
     root, prompts = _fake_data_dir(tmp_path)
     held = [p for p in prompts if is_held_out(p)]
     assert 0 < len(held) < len(prompts)
-    rows = build_corpus(root, CorpusSettings(dialogsum=1, davidson=1, tweeteval=1,
-                                             dynabench=1))
+    rows = build_corpus(root, CorpusSettings(rtp_toxic=-1, dialogsum=1, davidson=1,
+                                             tweeteval=1, dynabench=1))
     rtp = [r for r in rows if r["source"] == "rtp"]
     assert len(rtp) == 2 * (len(prompts) - len(held))
     assert {r["source"] for r in rows} == {"rtp", "dialogsum", "davidson", "tweeteval",
@@ -157,8 +157,8 @@ def test_corpus_keeps_every_held_out_rtp_record_out(tmp_path):
 
 
 def test_real_corpus_holds_no_evaluation_prompt(shared_data):
-    rows = build_corpus(shared_data, CorpusSettings(dialogsum=200, davidson=200, tweeteval=200,
-                                                    dynabench=200))
+    rows = build_corpus(shared_data, CorpusSettings(rtp_toxic=-1, dialogsum=200, davidson=200,
+                                                    tweeteval=200, dynabench=200))
     text = "\n".join(r["text"] for r in rows)
     held = []
     for name in ("nontoxic", "toxic"):

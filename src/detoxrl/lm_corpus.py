@@ -5,7 +5,8 @@ mix read from ``data_dir`` (the layout of ``../shared/data``):
 
 * RealToxicityPrompts records, prompt + continuation (``prefix`` marks the boundary, which
   the seq2seq LM uses as its input/target split), from both ``rtp/`` files, *except* every
-  record whose prompt is an evaluation prompt (:func:`detoxrl.data.is_held_out`);
+  record whose prompt is an evaluation prompt (:func:`detoxrl.data.is_held_out`): those
+  prompts are checked in both files, as the same text may appear in either;
 * hate and offensive speech: Davidson tweets, TweetEval train tweets, Dynabench train texts;
 * benign text: DialogSum training dialogues.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from .config import option
 from .errors import ConfigError, DataError
 
-RTP_FILES = ("rtp/nontoxic.jsonl", "rtp/toxic.jsonl")
+RTP_FILES = {"rtp_nontoxic": "rtp/nontoxic.jsonl", "rtp_toxic": "rtp/toxic.jsonl"}
 DIALOGSUM = "dialogsum/train.jsonl"
 DAVIDSON = "hate-speech/davidson/labeled_data.csv"
 TWEETEVAL = "hate-speech/tweeteval-hate/train_text.txt"
@@ -31,8 +32,9 @@ DYNABENCH = "hate-speech/dynabench/Train.csv"
 
 @dataclass
 class CorpusSettings:
-    rtp: int = option(-1, "RealToxicityPrompts records (prompt + continuation) outside the "
-                      "held-out evaluation prompts; -1: all of them.")
+    rtp_nontoxic: int = option(-1, "Records (prompt + continuation) of rtp/nontoxic.jsonl "
+                               "outside the held-out evaluation prompts; -1: all of them.")
+    rtp_toxic: int = option(300, "The same from rtp/toxic.jsonl (challenging prompts).")
     dialogsum: int = option(6000, "DialogSum training dialogues (benign).")
     davidson: int = option(1000, "Davidson tweets (mostly offensive).")
     tweeteval: int = option(1000, "TweetEval hate-task training tweets.")
@@ -42,7 +44,7 @@ class CorpusSettings:
 
 
 def check_settings(s: CorpusSettings) -> None:
-    for name in ("rtp", "dialogsum", "davidson", "tweeteval", "dynabench"):
+    for name in (*RTP_FILES, "dialogsum", "davidson", "tweeteval", "dynabench"):
         if getattr(s, name) < -1:
             raise ConfigError(f"data.corpus.{name} must be -1 (all) or a count >= 0.")
     if not 0 <= s.held_out_fraction <= 1:
@@ -57,12 +59,14 @@ def build_corpus(data_dir: str | Path, s: CorpusSettings, seed: int = 0) -> list
     """
     root = Path(data_dir).expanduser()
     rng = random.Random(seed)
-    rows = _take(rtp_records(root, s.held_out_fraction), s.rtp, rng)
+    rows: list[dict] = []
+    for name, file in RTP_FILES.items():
+        if getattr(s, name):
+            rows += _take(rtp_records(root / file, s.held_out_fraction), getattr(s, name), rng)
     for name, reader in (("dialogsum", _dialogsum), ("davidson", _davidson),
                          ("tweeteval", _tweeteval), ("dynabench", _dynabench)):
-        count = getattr(s, name)
-        if count:
-            rows += _take(reader(root), count, rng)
+        if getattr(s, name):
+            rows += _take(reader(root), getattr(s, name), rng)
     rows = [r for r in rows if r["text"].strip()]
     if not rows:
         raise DataError("The corpus is empty: every source count in data.corpus is 0.")
@@ -70,16 +74,14 @@ def build_corpus(data_dir: str | Path, s: CorpusSettings, seed: int = 0) -> list
     return rows
 
 
-def rtp_records(root: Path, held_out_fraction: float = 0.2) -> list[dict]:
+def rtp_records(path: Path, held_out_fraction: float = 0.2) -> list[dict]:
     """RTP prompt + continuation pairs whose prompt is not an evaluation prompt."""
     from .data import is_held_out
 
     rows = []
-    for name in RTP_FILES:
-        for record in _jsonl(root / name):
-            prompt = record["prompt"]["text"] or ""
-            if is_held_out(prompt, held_out_fraction):
-                continue
+    for record in _jsonl(path):
+        prompt = record["prompt"]["text"] or ""
+        if not is_held_out(prompt, held_out_fraction):
             rows.append({"text": prompt + (record["continuation"]["text"] or ""),
                          "prefix": prompt, "source": "rtp"})
     return rows

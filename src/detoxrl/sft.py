@@ -272,8 +272,11 @@ def _text_example(row: dict, tokenizer, seq2seq: bool, d: SFTData,
 
 
 def _target_ids(text: str, tokenizer, max_tokens: int) -> list[int]:
-    """Tokens of ``text`` ending with EOS, so the model learns where to stop."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens - 1]
+    """Tokens of ``text`` ending with EOS, so the model learns where to stop; a text cut at
+    ``max_tokens`` gets no EOS, as it did not end there."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) >= max_tokens:
+        return ids[:max_tokens]
     return [*ids, tokenizer.eos_token_id]
 
 
