@@ -113,8 +113,8 @@ def _read_columns(src: LabelledSource, data_dir: str, what: str
     else:
         path = resolve_path(data_dir, src.path)
         _check_file(path, f"data.{what}.path")
-        frame, where = _read_table(path, fmt, src.header), str(path)
-    text_col = _column(frame, src.text_column, f"data.{what}.text_column", where)
+        frame, where = read_table(path, fmt, src.header), str(path)
+    text_col = column(frame, src.text_column, f"data.{what}.text_column", where)
     texts = ["" if t is None else str(t) for t in frame[text_col].tolist()]
     if src.labels_path is not None:
         label_file = resolve_path(data_dir, src.labels_path)
@@ -124,7 +124,7 @@ def _read_columns(src: LabelledSource, data_dir: str, what: str
             raise DataError(f"{label_file} has {len(raw):,} labels but {where} has "
                             f"{len(texts):,} texts; the two files must align line by line.")
     else:
-        label_col = _column(frame, src.label_column, f"data.{what}.label_column", where)
+        label_col = column(frame, src.label_column, f"data.{what}.label_column", where)
         raw = [_label_text(v) for v in frame[label_col].tolist()]
     return texts, raw, where
 
@@ -141,7 +141,7 @@ def _check_file(path: Path, option_name: str) -> None:
                         "from data_dir; point --data-dir at your copy of the data.")
 
 
-def _column(frame, name: str, option_name: str, where: str) -> str:
+def column(frame, name: str, option_name: str, where: str) -> str:
     columns = [str(c) for c in frame.columns]
     if name not in columns:
         raise DataError(f"{where} has no column {name!r}; its columns are: "
@@ -153,7 +153,7 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in _text_lines(path)]
 
 
-def _read_table(path: Path, fmt: str, header: bool):
+def read_table(path: Path, fmt: str, header: bool):
     import pandas as pd
 
     try:

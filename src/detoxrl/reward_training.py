@@ -85,6 +85,7 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from .supervised import (
+        TRAINER_DIR,
         check_output_dir,
         in_order_predictions,
         log_history_losses,
@@ -102,7 +103,7 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
     train, test = _read_splits(cfg)
     tokenizer, model = _build_classifier(cfg, train.texts)
     with output_folder(out, overwrite) as folder:
-        args = training_arguments(cfg.training, folder / ".trainer", cfg.seed, quiet)
+        args = training_arguments(cfg.training, folder / TRAINER_DIR, cfg.seed, quiet)
         trainer = Trainer(model=model, args=args, train_dataset=_encode(train, tokenizer, cfg),
                           data_collator=DataCollatorWithPadding(tokenizer))
         silence(trainer, quiet)
@@ -117,7 +118,6 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
                    "losses": log_history_losses(trainer)}
         if cfg.data.hatecheck:
             metrics["hatecheck"] = _hatecheck(cfg, trainer, tokenizer)
-        _remove_trainer_dir(folder / ".trainer")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         write_run_files(folder, cfg, metrics)
@@ -226,7 +226,7 @@ def _hatecheck(cfg: RewardTrainingConfig, trainer, tokenizer) -> dict:
                          label_column="label_gold")
     rows = labelled.read_labelled(src, cfg.data_dir, labels, {
         "hateful": cfg.data.positive_label, "non-hateful": negative}, "hatecheck")
-    frame = labelled._read_table(labelled.resolve_path(cfg.data_dir, cfg.data.hatecheck),
+    frame = labelled.read_table(labelled.resolve_path(cfg.data_dir, cfg.data.hatecheck),
                                  "csv", True)
     predicted = trainer.predict(_encode(rows, tokenizer, cfg)).predictions.argmax(-1)
     correct = predicted == np.asarray(rows.labels)
@@ -267,9 +267,3 @@ def roc_auc(is_positive, scores) -> float:
     ends = np.cumsum(counts)
     ranks = (ends - (counts - 1) / 2.0)[inverse]          # 1-based average ranks
     return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _remove_trainer_dir(path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

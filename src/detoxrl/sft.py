@@ -98,6 +98,7 @@ def sft(cfg: SFTConfig, overwrite: bool = False, quiet: bool = False) -> dict:
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Trainer, set_seed
 
     from .supervised import (
+        TRAINER_DIR,
         check_output_dir,
         log_history_losses,
         output_folder,
@@ -116,7 +117,7 @@ def sft(cfg: SFTConfig, overwrite: bool = False, quiet: bool = False) -> dict:
     seq2seq = bool(model.config.is_encoder_decoder)
     train, test, references = _encode(cfg, rows, tokenizer, seq2seq)
     with output_folder(out, overwrite) as folder:
-        args = training_arguments(cfg.training, folder / ".trainer", cfg.seed, quiet, seq2seq)
+        args = training_arguments(cfg.training, folder / TRAINER_DIR, cfg.seed, quiet, seq2seq)
         trainer = (Seq2SeqTrainer if seq2seq else Trainer)(
             model=model, args=args, train_dataset=train, eval_dataset=test,
             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, padding=True))
@@ -129,9 +130,6 @@ def sft(cfg: SFTConfig, overwrite: bool = False, quiet: bool = False) -> dict:
                    "train_loss": result.training_loss, "losses": log_history_losses(trainer)}
         if references:
             metrics["eval"].update(_rouge(cfg, model, tokenizer, test, references, seq2seq))
-        import shutil
-
-        shutil.rmtree(folder / ".trainer", ignore_errors=True)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         write_run_files(folder, cfg, metrics)
@@ -173,16 +171,16 @@ def _read_rows(cfg: SFTConfig) -> _Rows:
 
 
 def _read_text_rows(cfg: SFTConfig) -> list[dict]:
-    from .labelled import LabelledSource, _column, _read_table, resolve_path, source_format
+    from .labelled import LabelledSource, column, read_table, resolve_path, source_format
 
     src = LabelledSource(path=cfg.data.text_path, text_column=cfg.data.text_column)
     path = resolve_path(cfg.data_dir, src.path)
     if not path.is_file():
         raise DataError(f"data.text_path: {str(path)!r} does not exist. Relative paths start "
                         "from data_dir; point --data-dir at your copy of the data.")
-    frame = _read_table(path, source_format(src), True)
-    column = _column(frame, src.text_column, "data.text_column", str(path))
-    rows = [{"text": str(t), "prefix": None} for t in frame[column] if str(t).strip()]
+    frame = read_table(path, source_format(src), True)
+    text_col = column(frame, src.text_column, "data.text_column", str(path))
+    rows = [{"text": str(t), "prefix": None} for t in frame[text_col] if str(t).strip()]
     if not rows:
         raise DataError(f"{str(path)!r} holds no text in column {src.text_column!r}.")
     return rows

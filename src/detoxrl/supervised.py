@@ -10,6 +10,7 @@ stopped run leaves nothing half-written.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .errors import ConfigError
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 
 ARCHITECTURES = ("roberta", "gpt2", "t5")
+TRAINER_DIR = ".trainer"
 
 
 @dataclass
@@ -162,10 +164,14 @@ def training_arguments(t: TrainingSettings, output_dir: Path, seed: int, quiet: 
 
 @contextmanager
 def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling folder to build the run in, renamed to ``out`` on success."""
+    """A hidden sibling folder to build the run in, renamed to ``out`` on success.
+
+    ``Trainer`` gets ``TRAINER_DIR`` inside it as its output_dir; that is removed first.
+    """
     check_output_dir(str(out), overwrite)
     with atomic_dir(out) as tmp:
         yield tmp
+        shutil.rmtree(tmp / TRAINER_DIR, ignore_errors=True)  # Trainer's scratch folder
 
 
 def write_run_files(folder: Path, cfg, metrics: dict) -> None:
