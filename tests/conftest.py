@@ -16,7 +16,9 @@ import torch
 
 from detoxrl import tiny
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# DETOXRL_SHARED_DATA points at another copy (a git worktree has no ../shared beside it).
+SHARED_DATA = Path(os.environ.get("DETOXRL_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 DIALOGSUM_TRAIN = SHARED_DATA / "dialogsum" / "train.jsonl"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,5 @@
-"""The ``detoxrl`` command: demo, data, train, evaluate, compare, report and generate.
+"""The ``detoxrl`` command: demo, data, sft, train-reward, train, evaluate, compare, report
+and generate.
 
 Each subcommand lives in ``detoxrl.commands.<name>`` with a ``register(subparsers)`` that
 adds its parser and sets ``func``. Errors a user can fix (``DetoxError``) are printed as one
@@ -16,14 +17,14 @@ from .errors import DetoxError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import compare, data, demo, evaluate, generate, report, train
+    from .commands import compare, data, demo, evaluate, generate, report, supervised, train
 
     parser = argparse.ArgumentParser(
         prog="detoxrl", description="Make text generators less toxic with PPO from a "
         "classifier's feedback.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"detoxrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, data, train, evaluate, compare, report, generate):
+    for module in (demo, data, supervised, train, evaluate, compare, report, generate):
         module.register(sub)
     for command in sub.choices.values():  # `--overwrit` must not pass for --overwrite
         command.allow_abbrev = False

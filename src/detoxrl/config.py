@@ -378,11 +378,26 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if typing.get_origin(hint) is list:
         items = value if isinstance(value, list) else str(value).split(",")
         return [_coerce(v, args[0], key) for v in items]
+    if typing.get_origin(hint) is dict:
+        return _mapping(value, args, key)
     converted = _scalar(value, hint)
     if converted is None:
         raise ConfigError(f"Option {key!r} must be {getattr(hint, '__name__', hint)}, "
                           f"got {value!r}.")
     return converted
+
+
+def _mapping(value: Any, args: tuple, key: str) -> dict:
+    """A YAML mapping, or ``a=b,c=d`` text from the command line, as ``dict[K, V]``."""
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item]
+        if any(len(p) != 2 for p in pairs):
+            raise ConfigError(f"Option {key!r}: write a mapping as key=value,key=value; got "
+                              f"{value!r}.")
+        value = dict(pairs)
+    if not isinstance(value, dict):
+        raise ConfigError(f"Option {key!r} must be a mapping, got {value!r}.")
+    return {_coerce(k, args[0], key): _coerce(v, args[1], key) for k, v in value.items()}
 
 
 def _is_derived(cls: type, name: str) -> bool:
