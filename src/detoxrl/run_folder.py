@@ -16,6 +16,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -161,23 +162,32 @@ def _json_line(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def run_info(cfg: TrainConfig, accelerator=None, rewards: list[dict] | None = None) -> dict:
+def versions() -> dict[str, str]:
+    """The versions that decide a result: Python, torch and the Hugging Face libraries."""
     import accelerate
     import datasets
     import peft
     import transformers
 
-    return {
-        "algorithm": cfg.ppo.algorithm, "seed": cfg.seed, "command": sys.argv,
-        "detoxrl": __version__,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "accelerate": accelerate.__version__, "datasets": datasets.__version__},
-        "world_size": accelerator.num_processes if accelerator else 1,
-        "device": str(accelerator.device) if accelerator else "cpu",
-        "rewards": rewards or [],
-        "config": to_dict(cfg),
-    }
+    return {"detoxrl": __version__, "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__}
+
+
+def provenance(cfg: Any) -> dict:
+    """What every output of ours records: seed, command, versions and the resolved config."""
+    return {"seed": cfg.seed, "command": sys.argv, "detoxrl": __version__,
+            "versions": versions(), "config": to_dict(cfg)}
+
+
+def run_info(cfg: TrainConfig, accelerator=None, rewards: list[dict] | None = None) -> dict:
+    """``run_info.json`` of an RL run: :func:`provenance` plus algorithm, world size, device
+    and the rewards."""
+    return {"algorithm": cfg.ppo.algorithm, **provenance(cfg),
+            "world_size": accelerator.num_processes if accelerator else 1,
+            "device": str(accelerator.device) if accelerator else "cpu",
+            "rewards": rewards or []}
 
 
 def save_final(out: Path, policy) -> None:

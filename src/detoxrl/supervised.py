@@ -176,11 +176,11 @@ def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
 
 def write_run_files(folder: Path, cfg, metrics: dict) -> None:
     """``metrics.json``, ``config.yaml`` (the resolved config) and ``run_info.json``."""
-    from .run import run_info
+    from .run_folder import provenance
 
     atomic_write_json(folder / "metrics.json", metrics)
     atomic_write_text(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_json(folder / "run_info.json", run_info(cfg))
+    atomic_write_json(folder / "run_info.json", provenance(cfg))
 
 
 def quiet_logs(quiet: bool) -> None:

@@ -13,9 +13,16 @@ PRESETS = Path(__file__).resolve().parents[3] / "configs" / "mini"
 
 # The quick demo runs every stage's real code at tiny sizes, for CI: dotted overrides of each
 # stage's preset, applied before the user's own.
+_TINY_MODEL = ["--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2",
+               "--model.intermediate_size", "64", "--model.vocab_size", "400",
+               "--model.tokenizer_texts", "1000"]
 QUICK = {
-    "reward": ["--max_steps", "4", "--max_train_rows", "128", "--max_eval_rows", "32"],
-    "policy": ["--max_steps", "4", "--max_train_rows", "128", "--max_eval_rows", "32"],
+    "reward": ["--training.max_steps", "4", "--data.max_train_rows", "256", *_TINY_MODEL],
+    "policy": ["--training.max_steps", "4", "--data.max_eval_rows", "16",
+               *[f"--data.corpus.{name}={n}" for name, n in (
+                   ("rtp_nontoxic", 100), ("rtp_toxic", 20), ("dialogsum", 100),
+                   ("davidson", 20), ("tweeteval", 20), ("dynabench", 20))],
+               *_TINY_MODEL],
     "rl": ["--steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
            "--ppo.ppo_epochs", "1"],
 }

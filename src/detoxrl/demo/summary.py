@@ -12,15 +12,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..config import to_dict
 from ..errors import DataError
 from ..evaluation.tables import CSS
 from ..io import atomic_write_json, atomic_write_text
+from ..run_folder import provenance
 
 if TYPE_CHECKING:
     from .pipeline import DemoRun
@@ -119,22 +117,8 @@ def write_demo_summary(run: DemoRun) -> Path:
     if report:
         print(f"\nreport: {report}")
     return atomic_write_json(run.root / "demo_summary.json", {
-        "config": to_dict(run.cfg), "seed": run.cfg.seed, "versions": versions(),
-        "command": sys.argv, "figures": by_set, "stages": stages, "wall_s": run.wall_s,
+        **provenance(run.cfg), "figures": by_set, "stages": stages, "wall_s": run.wall_s,
         "report": report})
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import datasets
-    import peft
-    import torch
-    import transformers
-
-    return {"detoxrl": __version__, "python": sys.version.split()[0],
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__,
-            "datasets": datasets.__version__}
 
 
 def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str, Any]:
