@@ -221,6 +221,6 @@ def test_label_map_from_yaml_and_the_command_line(tmp_path):
     assert from_yaml == from_cli == {"0": "hate", "1": "hate", "2": "nothate"}
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["--data.label_map", "0:hate"], cls=RewardTrainingConfig)
-    with pytest.raises(ConfigError, match="not in data.labels"):
+    with pytest.raises(ConfigError, match=r"not in data\.labels"):
         load_config(None, ["--data.label_map", "0=toxic", "--data.train.path", "x.csv"],
                     cls=RewardTrainingConfig).validate()
