@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -197,15 +196,31 @@ def test_refuses_to_replace_a_run_without_overwrite(tmp_path, dyna_dir, capsys):
 
 
 def test_short_real_dynabench_run_beats_chance(tmp_path, shared_data):
-    """A 20-second run on Dynabench's Train split, judged on its whole Test split."""
+    """200 steps (about 20 s) on Dynabench's Train split, judged on its whole Test split."""
     from detoxrl.config import load_config
     from detoxrl.reward_training import RewardTrainingConfig, train_reward
 
     cfg = load_config(ROOT / "configs" / "mini" / "reward-dynabench.yaml", [
         "--data_dir", str(shared_data), "--output_dir", str(tmp_path / "dyna"),
         "--training.max_steps", "200", "--data.hatecheck", "null"], cls=RewardTrainingConfig)
-    start = time.perf_counter()
     metrics = train_reward(cfg, quiet=True)
-    assert time.perf_counter() - start < 60
     assert metrics["eval_rows"] == 4062
     assert metrics["eval"]["roc_auc"] > 0.62, metrics["eval"]
+
+
+def test_label_map_from_yaml_and_the_command_line(tmp_path):
+    from detoxrl.config import load_config
+    from detoxrl.errors import ConfigError
+    from detoxrl.reward_training import RewardTrainingConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  label_map: {0: hate, 1: hate, 2: nothate}\n")
+    from_yaml = load_config(path, [], cls=RewardTrainingConfig).data.label_map
+    from_cli = load_config(None, ["--data.label_map", "0=hate,1=hate,2=nothate"],
+                           cls=RewardTrainingConfig).data.label_map
+    assert from_yaml == from_cli == {"0": "hate", "1": "hate", "2": "nothate"}
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["--data.label_map", "0:hate"], cls=RewardTrainingConfig)
+    with pytest.raises(ConfigError, match=r"not in data\.labels"):
+        load_config(None, ["--data.label_map", "0=toxic", "--data.train.path", "x.csv"],
+                    cls=RewardTrainingConfig).validate()

@@ -34,8 +34,9 @@ class SupervisedModel:
     architecture: str | None = option(None, "Build from a config with random weights: "
                                       "roberta (classifier), gpt2 (causal LM) or t5 (seq2seq, "
                                       "FLAN-T5-shaped).")
-    tokenizer: str | None = option(None, "With architecture: a tokenizer folder to use; "
-                                   "default: train a byte-level BPE on the training text.")
+    tokenizer: str | None = option(None, "Tokenizer folder to use instead of the model's own "
+                                   "(with architecture: instead of training a byte-level "
+                                   "BPE on the training text).")
     vocab_size: int = option(8000, "With architecture: size of the trained tokenizer.")
     tokenizer_texts: int = option(50000, "With architecture: train the tokenizer on at most "
                                   "this many training texts.")
