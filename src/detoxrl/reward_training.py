@@ -84,6 +84,10 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
     """Train the classifier ``cfg`` describes; returns the metrics written to metrics.json."""
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
+    from .preflight import default_cpu_threads
+
+    default_cpu_threads()
+
     from .supervised import (
         TRAINER_DIR,
         check_output_dir,

@@ -97,6 +97,10 @@ def sft(cfg: SFTConfig, overwrite: bool = False, quiet: bool = False) -> dict:
     """Fine-tune as ``cfg`` says; returns the metrics written to metrics.json."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Trainer, set_seed
 
+    from .preflight import default_cpu_threads
+
+    default_cpu_threads()
+
     from .supervised import (
         TRAINER_DIR,
         check_output_dir,

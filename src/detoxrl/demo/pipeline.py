@@ -199,9 +199,11 @@ def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
 
 def run_demo(cfg: DemoConfig, fresh: bool = False, quiet: bool = False) -> DemoRun:
     """Run (or skip, when up to date) every stage; write demo_summary.json."""
+    from ..preflight import default_cpu_threads
     from .summary import write_demo_summary
 
     cfg.finalize()
+    default_cpu_threads()
     start = time.perf_counter()
     root, stages = plan(cfg, quiet)
     claim_output_dir(root)

@@ -122,9 +122,11 @@ def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[
 
 def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
     """Generate, score and summarise; write the output folder; return the summary."""
+    from ..preflight import default_cpu_threads
     from .fluency import REFERENCE, load_fluency_model
 
     check_options(opts)
+    default_cpu_threads()
     cfg, device = target.cfg, device_for(opts)
     dec = eval_sampling(cfg, opts)
     # Fail fast: every scorer loads before anything is generated.
