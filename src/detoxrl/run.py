@@ -186,8 +186,8 @@ def _setup_deepspeed(cfg: TrainConfig, accelerator, resume: bool) -> None:
     p, ds = cfg.ppo, plugin.deepspeed_config
     if p.gradient_accumulation_steps == "auto":  # DeepSpeed runs on GPUs: no accumulation
         p.micro_batch_size = p.local_mini_batch_size
-    if p.micro_batch_size != p.local_mini_batch_size or ds.get("gradient_accumulation_steps") not in (
-            1, "auto", None):
+    accumulates = p.micro_batch_size != p.local_mini_batch_size
+    if accumulates or ds.get("gradient_accumulation_steps") not in (1, "auto", None):
         # accelerator.backward runs engine.step() after every backward (we never clear
         # sync_gradients), so accumulation would step on every micro-batch.
         raise ConfigError("Under DeepSpeed use ppo.gradient_accumulation_steps: 1 and "
