@@ -103,3 +103,26 @@ class SampledTokenStats:
         logprobs = torch.stack(self.logprobs[:width], dim=1)
         hidden = torch.stack(self.hidden[:width], dim=1) if self.hidden else None
         return logprobs, hidden
+
+
+def sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, sampling, limits: list[int],
+           stats: SampledTokenStats | None = None, **kwargs) -> Tensor:
+    """``model.generate``'s raw output up to the largest limit, ``stats`` recording if given.
+
+    ``sampling``: a ``SamplingConfig``; ``kwargs`` go to ``generate`` (``synced_gpus``,
+    ``encoder_outputs``).
+    """
+    from transformers import StoppingCriteriaList
+
+    handles = stats.hooks() if stats is not None else []
+    try:
+        return model.generate(
+            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
+            min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
+            top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
+            num_beams=sampling.num_beams, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList(
+                [stats.criterion()] if stats is not None else []), **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()

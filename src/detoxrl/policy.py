@@ -26,7 +26,7 @@ from . import rl_math
 from .batch import Rollout
 from .config import LoraSettings, ModelConfig, SamplingConfig
 from .errors import ConfigError, ModelLoadError
-from .generation import SampledTokenStats, response_mask
+from .generation import SampledTokenStats, response_mask, sample
 from .loading import freeze_dropout, load_config, load_pretrained, load_tokenizer, resolve_dtype
 
 DEFAULT_TARGETS = {
@@ -318,8 +318,8 @@ class Policy(nn.Module):
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
         stats = self._token_stats(sampling, with_values) if with_logprobs else None
-        sequences = self._sample(query_ids, query_mask, sampling, limits, synced_gpus, extra,
-                                 stats)
+        sequences = sample(self.model, self.tokenizer, query_ids, query_mask, sampling,
+                           limits, stats, synced_gpus=synced_gpus, **extra)
         # Seq2seq output starts with the decoder start token; causal output with the query.
         response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
         limit_t = torch.tensor(limits, device=response.device)
@@ -342,26 +342,6 @@ class Policy(nn.Module):
         return SampledTokenStats(base.get_output_embeddings(),
                                  base.get_decoder() if with_values else None,
                                  sampling.temperature)
-
-    def _sample(self, query_ids, query_mask, sampling, limits, synced_gpus, extra,
-                stats: SampledTokenStats | None) -> Tensor:
-        """``model.generate`` (its raw output), with ``stats`` recording if given."""
-        from transformers import StoppingCriteriaList
-
-        tok = self.tokenizer
-        handles = stats.hooks() if stats is not None else []
-        try:
-            return self.model.generate(
-                input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
-                min_new_tokens=min(sampling.min_length, min(limits)),
-                do_sample=sampling.do_sample, top_k=sampling.top_k, top_p=sampling.top_p,
-                temperature=sampling.temperature, num_beams=sampling.num_beams,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                synced_gpus=synced_gpus, **extra, stopping_criteria=StoppingCriteriaList(
-                    [stats.criterion()] if stats is not None else []))
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:
