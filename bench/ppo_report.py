@@ -167,7 +167,7 @@ def write_outputs(report: dict, out_dir: Path) -> tuple[Path, Path, str]:
 
     c = report["config"]
     suffix = "".join([f"-t{c['threads']}" if c["threads"] else "",
-                      f"-ga{c['detoxrl_grad_accum']}" if c["detoxrl_grad_accum"] > 1 else "",
+                      f"-ga{c['detoxrl_grad_accum']}" if c["detoxrl_grad_accum"] != "auto" else "",
                       "-gc" if c["detoxrl_gradient_checkpointing"] else "",
                       "-rollout" if c["rollout_only"] else ""])
     stem = f"ppo_step-{report['shape']}-{report['device']}{suffix}"
@@ -180,8 +180,8 @@ def write_outputs(report: dict, out_dir: Path) -> tuple[Path, Path, str]:
 def _detox_memory(c: dict) -> str:
     """The detoxrl-only memory settings, when the run used any."""
     parts = []
-    if c["detoxrl_grad_accum"] > 1:
-        parts.append(f"as {c['detoxrl_grad_accum']} micro-batches")
+    if c["detoxrl_grad_accum"] != "auto":
+        parts.append(f"ppo.gradient_accumulation_steps {c['detoxrl_grad_accum']}")
     if c["detoxrl_gradient_checkpointing"]:
         parts.append("gradient checkpointing")
     return f" (detoxrl: {', '.join(parts)})" if parts else ""

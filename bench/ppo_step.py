@@ -39,9 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="measured steps per mode (median)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per PPO step")
     ap.add_argument("--mini-batch", type=int, default=4, help="PPO mini-batch (TRL's 4)")
-    ap.add_argument("--grad-accum", type=int, default=1,
+    ap.add_argument("--grad-accum", type=_accum, default="auto",
                     help="detoxrl only: micro-batches per mini-batch "
-                         "(ppo.gradient_accumulation_steps; the same update, less memory)")
+                         "(ppo.gradient_accumulation_steps; the same update, less memory); "
+                         "default 'auto', detoxrl's default")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="detoxrl only: model.gradient_checkpointing (less memory, more compute)")
     ap.add_argument("--new-tokens", type=int, default=64,
@@ -71,9 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--steps, --batch and --new-tokens must be at least 1")
     if args.batch % args.mini_batch:
         ap.error("--batch must be a multiple of --mini-batch")
-    if args.grad_accum < 1 or args.mini_batch % args.grad_accum:
+    if args.grad_accum != "auto" and (args.grad_accum < 1 or args.mini_batch % args.grad_accum):
         ap.error("--mini-batch must be a multiple of --grad-accum (at least 1)")
     return args
+
+
+def _accum(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def spec_from_args(args: argparse.Namespace) -> tuple[dict, str]:

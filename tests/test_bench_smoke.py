@@ -38,5 +38,5 @@ def test_ppo_step_bench_runs_on_tiny(tmp_path):
     assert all(floor_phases[p] > 0 for p in ("rollout", "score", "forward", "optimize"))
     assert report["versions"]["torch"] and report["config"]["batch"] == 4
     assert report["config"]["detoxrl_grad_accum"] == 2
-    assert "(detoxrl: as 2 micro-batches, gradient checkpointing)" in \
+    assert "(detoxrl: ppo.gradient_accumulation_steps 2, gradient checkpointing)" in \
         json_path.with_suffix(".md").read_text()

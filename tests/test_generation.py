@@ -283,3 +283,32 @@ def test_forward_logprobs_match_generate_scores(eos_policy):
     keep = mask.bool()
     assert torch.isfinite(got[keep]).all()
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_and_values_match_the_forward_pass(eos_policy, temperature):
+    """Log-probs and values read while sampling equal a teacher-forced forward within 1e-5
+    (fp32), at the sampling temperature, though top-k and the EOS block of min_length
+    change what the sampler draws from (the raw logits are read, not the processed ones)."""
+    policy = eos_policy
+    q, qm = encode(policy, PROMPTS * 2)
+    limits = [3, 12, 12, 12, 5, 12, 12, 12]
+    sampling = SamplingConfig(min_length=4, top_k=20, temperature=temperature)
+    seed, rollout = first_seed(
+        lambda _: policy.generate(q, qm, sampling, limits, with_logprobs=True,
+                                  with_values=True),
+        lambda r: bool(r.ended_with_eos.any() and not r.ended_with_eos.all()))
+    torch.manual_seed(seed)
+    plain = policy.generate(q, qm, sampling, limits)
+    assert torch.equal(rollout.response_ids, plain.response_ids)       # sampling unchanged
+    assert rollout.encoder_hidden is None and plain.logprobs is None
+    mask = rollout.response_mask
+    assert rollout.logprobs.shape == rollout.values.shape == mask.shape
+    with torch.no_grad():
+        out = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
+                     temperature=temperature)
+    torch.testing.assert_close(rollout.logprobs, out.logprobs * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.values, out.values * mask, atol=1e-5, rtol=0)
+    assert (rollout.logprobs[mask.bool()] < 0).all()
+    with pytest.raises(ValueError, match="with_logprobs"):
+        policy.generate(q, qm, sampling, limits, with_values=True)

@@ -93,9 +93,11 @@ def test_one_step_matches_hand_computation(tmp_path):
 
 # --------------------------------------------------------------------------- step 3
 
+@pytest.mark.parametrize("from_rollout", [False, True], ids=["old-pass", "from-rollout"])
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
-def test_old_and_ref_forward_matches_one_plain_pass(request, arch, tmp_path):
-    """Length-sorted chunks, trimmed padding and the reused encoder change no number."""
+def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout, tmp_path):
+    """Length-sorted chunks, trimmed padding and the reused encoder change no number; old
+    log-probs and values read while sampling match the plain pass too."""
     from accelerate import Accelerator
 
     from detoxrl.config import ModelConfig, SamplingConfig
@@ -115,7 +117,9 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, tmp_path):
     q, qm = collate_queries([policy.tokenizer(t).input_ids for t in texts],
                             policy.tokenizer.pad_token_id, policy.padding_side)
     torch.manual_seed(0)
-    batch = policy.generate(q, qm, SamplingConfig(min_length=4), [6, 3, 8, 5, 8, 2])
+    batch = policy.generate(q, qm, SamplingConfig(min_length=4), [6, 3, 8, 5, 8, 2],
+                            with_logprobs=from_rollout, with_values=from_rollout)
+    assert (batch.logprobs is not None) == from_rollout
     got = trainer.forward_old_and_ref(batch)
     with torch.no_grad():
         args = (batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)

@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 from .validation import check_ranges, read_yaml_mapping, truncated, truncated_message
 
+CPU_MICRO_BATCH = 2  # largest micro-batch that gradient_accumulation_steps: auto picks on a CPU
 DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
 
@@ -137,8 +138,17 @@ class PPOConfig:
     warmup_steps: int = option(0, "Scheduler warm-up, in optimizer steps.")
     batch_size: int = option(16, "Prompts rolled out per step, over all processes.")
     mini_batch_size: int = option(4, "Samples per optimizer step, over all processes.")
-    gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch.")
+    gradient_accumulation_steps: int | str = option(
+        "auto", "Micro-batches per mini-batch: the same update from smaller forward passes, "
+        "so less activation memory. 'auto': 1 on a GPU; on a CPU, micro-batches of at most "
+        f"{CPU_MICRO_BATCH} samples (a CPU is compute-bound at that size already, so they "
+        "cost no time and halve the PPO update's memory at the tutorial's mini-batch of 4).")
     ppo_epochs: int = option(1, "Passes over each batch of samples (every algorithm).")
+    logprobs_from_rollout: bool = option(True, "Read the old log-probs (and PPO's values) "
+                                         "while sampling instead of by a second forward "
+                                         "pass; they differ by float rounding (~1e-6 in "
+                                         "fp32, more in bf16), so the first update's ratio "
+                                         "is 1 only up to that.")
     gamma: float = option(1.0, "ppo: discount factor.")
     lam: float = option(0.95, "ppo: GAE lambda.")
     cliprange: float = option(0.2, "Clip range of the policy ratio (every algorithm).")
@@ -190,15 +200,18 @@ class TrainConfig:
     max_skipped_steps: int = option(3, "Stop the run (exit status 2) after this many consecutive "
                                     "steps skipped for non-finite values; 0 never stops.")
 
-    def finalize(self, world_size: int = 1) -> TrainConfig:
-        """Derive per-process batch sizes and check every option; raise ConfigError if not."""
+    def finalize(self, world_size: int = 1, device_type: str = "cpu") -> TrainConfig:
+        """Derive per-process batch sizes and check every option; raise ConfigError if not.
+
+        ``device_type`` ("cpu", "cuda", ...) resolves ``gradient_accumulation_steps: auto``.
+        """
         _check_choices(self)
         check_ranges(self)
         p = self._check_batches(world_size)
         p.world_size = world_size
         p.local_batch_size = p.batch_size // world_size
         p.local_mini_batch_size = p.mini_batch_size // world_size
-        p.micro_batch_size = p.local_mini_batch_size // p.gradient_accumulation_steps
+        p.micro_batch_size = _micro_batch_size(p, device_type)
         p.num_mini_batches = p.batch_size * p.num_generations // p.mini_batch_size
         g = self.generation
         if not 1 <= g.min_new_tokens_draw <= g.max_new_tokens_draw:
@@ -216,9 +229,13 @@ class TrainConfig:
 
     def _check_batches(self, world_size: int) -> PPOConfig:
         p = self.ppo
+        accum = p.gradient_accumulation_steps
+        if isinstance(accum, str) and accum != "auto":
+            raise ConfigError("ppo.gradient_accumulation_steps must be a whole number >= 1 or "
+                              f"'auto', got {accum!r}.")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps",
                      "ppo_epochs", "num_generations"):
-            if getattr(p, name) < 1:
+            if getattr(p, name) != "auto" and getattr(p, name) < 1:
                 raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(p, name)}.")
         if p.algorithm != "ppo" and p.num_generations < 2:
             raise ConfigError(f"ppo.algorithm {p.algorithm!r} compares the samples of each "
@@ -234,12 +251,21 @@ class TrainConfig:
             raise ConfigError(f"ppo.batch_size ({p.batch_size}) x ppo.num_generations "
                               f"({p.num_generations}) = {samples} samples must be a multiple "
                               f"of ppo.mini_batch_size ({p.mini_batch_size}).")
-        if p.mini_batch_size % (world_size * p.gradient_accumulation_steps):
+        if p.mini_batch_size % (world_size * (1 if accum == "auto" else accum)):
             raise ConfigError(
                 f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of processes "
                 f"({world_size}) x ppo.gradient_accumulation_steps "
                 f"({p.gradient_accumulation_steps}); change one of them.")
         return p
+
+
+def _micro_batch_size(p: PPOConfig, device_type: str) -> int:
+    local = p.local_mini_batch_size
+    if p.gradient_accumulation_steps != "auto":
+        return local // p.gradient_accumulation_steps
+    if device_type != "cpu":
+        return local
+    return max(d for d in range(1, CPU_MICRO_BATCH + 1) if local % d == 0)
 
 
 _CHOICES = {
@@ -368,7 +394,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if type(None) in args and _is_null(value):
             return None
-        hint = next(a for a in args if a is not type(None))
+        *firsts, hint = [a for a in args if a is not type(None)]
+        for first in firsts:  # int | str: a number if it reads as one
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, first, key)
         args = typing.get_args(hint)
     if isinstance(value, _Text) and hint is not str:
         try:

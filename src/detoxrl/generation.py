@@ -33,3 +33,96 @@ def response_mask(tokens: Tensor, limits: Tensor, eos_token_id: int) -> tuple[Te
     end = torch.where(ended, first_eos + 1, limits.clamp(max=width))      # exclusive end
     mask = (positions < end.unsqueeze(1)).long()
     return mask, ended
+
+
+class SampledTokenStats:
+    """Log-probs (and last hidden states) of the tokens ``generate`` samples, step by step.
+
+    The old log-probs of PPO (and of RLOO/GRPO's ratio) are the sampling policy's own, so
+    they can be read while sampling instead of by a second forward pass. Hooks on the LM
+    head and on the decoder keep the *raw* logits and the last hidden state of the newest
+    position; generate's processed scores would not do, since top-k/top-p and the EOS block
+    of ``min_new_tokens`` mask them, while the trainer's forward pass does not. Once the
+    token is sampled, a stopping criterion that never stops (the one hook ``generate``
+    calls with the sampled token) gathers its log-prob at ``temperature``. Per step only
+    (B, V) is alive, never the (B, T, V) logits of the whole response.
+
+    A cached forward differs from the teacher-forced one in float rounding only (~1e-6 in
+    fp32, ~1e-2 in bf16), so the first update's ratio is 1 up to that.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, decoder: torch.nn.Module | None,
+                 temperature: float):
+        self.lm_head, self.decoder, self.temperature = lm_head, decoder, temperature
+        self._logits: Tensor | None = None      # (B, V) raw logits of the newest position
+        self._hidden: Tensor | None = None      # (B, H) its last hidden state
+        self.logprobs: list[Tensor] = []        # T x (B,)
+        self.hidden: list[Tensor] = []          # T x (B, H)
+
+    def criterion(self):
+        """The stopping criterion to pass to ``generate``; it records and never stops."""
+        from transformers import StoppingCriteria
+
+        stats = self
+
+        class _Record(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                stats._record(input_ids[:, -1])
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool,
+                                   device=input_ids.device)
+
+        return _Record()
+
+    def hooks(self) -> list:
+        handles = [self.lm_head.register_forward_hook(self._keep_logits)]
+        if self.decoder is not None:
+            handles.append(self.decoder.register_forward_hook(self._keep_hidden))
+        return handles
+
+    def _keep_logits(self, module, args, output) -> None:
+        self._logits = output[:, -1]
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self._hidden = output[0][:, -1]
+
+    def _record(self, tokens: Tensor) -> None:                            # tokens: (B,)
+        logits = self._logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
+        self.logprobs.append(logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        if self.decoder is not None:
+            self.hidden.append(self._hidden)
+        self._logits = self._hidden = None
+
+    def result(self, width: int) -> tuple[Tensor, Tensor | None]:
+        """(B, width) log-probs and (B, width, H) hidden states of the first ``width`` tokens.
+
+        ``generate`` may sample a few steps past the end and drop them; they come last.
+        """
+        logprobs = torch.stack(self.logprobs[:width], dim=1)
+        hidden = torch.stack(self.hidden[:width], dim=1) if self.hidden else None
+        return logprobs, hidden
+
+
+def sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, sampling, limits: list[int],
+           stats: SampledTokenStats | None = None, **kwargs) -> Tensor:
+    """``model.generate``'s raw output up to the largest limit, ``stats`` recording if given.
+
+    ``sampling``: a ``SamplingConfig``; ``kwargs`` go to ``generate`` (``synced_gpus``,
+    ``encoder_outputs``).
+    """
+    from transformers import StoppingCriteriaList
+
+    handles = stats.hooks() if stats is not None else []
+    try:
+        return model.generate(
+            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
+            min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
+            top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
+            num_beams=sampling.num_beams, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList(
+                [stats.criterion()] if stats is not None else []), **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()

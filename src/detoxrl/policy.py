@@ -26,7 +26,7 @@ from . import rl_math
 from .batch import Rollout
 from .config import LoraSettings, ModelConfig, SamplingConfig
 from .errors import ConfigError, ModelLoadError
-from .generation import response_mask
+from .generation import SampledTokenStats, response_mask, sample
 from .loading import freeze_dropout, load_config, load_pretrained, load_tokenizer, resolve_dtype
 
 DEFAULT_TARGETS = {
@@ -286,19 +286,28 @@ class Policy(nn.Module):
     @torch.no_grad()
     def generate(self, query_ids: Tensor, query_mask: Tensor, sampling: SamplingConfig,
                  limits: list[int] | None = None, queries: list[str] | None = None,
-                 synced_gpus: bool = False, num_return_sequences: int = 1) -> Rollout:
+                 synced_gpus: bool = False, num_return_sequences: int = 1,
+                 with_logprobs: bool = False, with_values: bool = False) -> Rollout:
         """One batched ``generate`` to the largest per-sample limit, each cut at its own.
 
         With ``num_return_sequences=K`` every prompt is answered K times in the same call:
         the rollout has B * K rows, prompt i's samples at rows i*K .. i*K + K-1, and
         ``limits`` (one per prompt) and ``queries`` are repeated to match. The seq2seq
         encoder still runs once per prompt.
+
+        ``with_logprobs``: ``Rollout.logprobs`` holds each sampled token's log-prob at
+        ``sampling.temperature``, read while sampling (``SampledTokenStats``), and
+        ``with_values`` adds ``Rollout.values`` from the same pass: what ``forward`` would
+        give, up to float rounding, without a second pass. The encoder output, kept
+        otherwise for that pass, is then dropped.
         """
         if limits is None:
             limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
         k = num_return_sequences
         if k < 1:
             raise ConfigError(f"num_return_sequences must be at least 1, got {k}.")
+        if with_values and (self.value_head is None or not with_logprobs):
+            raise ValueError("with_values needs with_logprobs and a policy with a value head.")
         tok = self.tokenizer
         encoder_hidden, extra = None, {}
         if self.is_seq2seq:  # run the encoder here so that the old log-probs can reuse it
@@ -314,12 +323,9 @@ class Policy(nn.Module):
             limits = [n for n in limits for _ in range(k)]
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
-        sequences = self.model.generate(
-            input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
-            min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
-            top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
-            num_beams=sampling.num_beams, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus, **extra)
+        stats = self._token_stats(sampling, with_values) if with_logprobs else None
+        sequences = sample(self.model, self.tokenizer, query_ids, query_mask, sampling,
+                           limits, stats, synced_gpus=synced_gpus, **extra)
         # Seq2seq output starts with the decoder start token; causal output with the query.
         response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
         limit_t = torch.tensor(limits, device=response.device)
@@ -327,10 +333,21 @@ class Policy(nn.Module):
         response = torch.where(mask.bool(), response, tok.pad_token_id)
         if queries is None:
             queries = tok.batch_decode(query_ids, skip_special_tokens=True)
+        read = {"encoder_hidden": encoder_hidden}
+        if stats is not None:
+            logprobs, hidden = stats.result(response.shape[1])                  # (B, T), (B, T, H)
+            read = {"logprobs": logprobs * mask,
+                    "values": None if hidden is None else self.value_head(hidden) * mask}
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
                        response_mask=mask, queries=list(queries),
                        responses=tok.batch_decode(response, skip_special_tokens=True),
-                       ended_with_eos=ended, encoder_hidden=encoder_hidden).trim()
+                       ended_with_eos=ended, **read).trim()
+
+    def _token_stats(self, sampling: SamplingConfig, with_values: bool) -> SampledTokenStats:
+        base = self.model.get_base_model()
+        return SampledTokenStats(base.get_output_embeddings(),
+                                 base.get_decoder() if with_values else None,
+                                 sampling.temperature)
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:

@@ -61,7 +61,7 @@ def make_accelerator(cfg: TrainConfig, resume: bool = False):
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.log_with or None,
                               project_dir=cfg.output_dir)
     _check_launch(accelerator)
-    cfg.finalize(accelerator.num_processes)
+    cfg.finalize(accelerator.num_processes, accelerator.device.type)
     _setup_deepspeed(cfg, accelerator, resume)
     return accelerator
 
@@ -184,8 +184,10 @@ def _setup_deepspeed(cfg: TrainConfig, accelerator, resume: bool) -> None:
     if plugin is None:
         return
     p, ds = cfg.ppo, plugin.deepspeed_config
-    if p.gradient_accumulation_steps != 1 or ds.get("gradient_accumulation_steps") not in (
-            1, "auto", None):
+    if p.gradient_accumulation_steps == "auto":  # DeepSpeed runs on GPUs: no accumulation
+        p.micro_batch_size = p.local_mini_batch_size
+    accumulates = p.micro_batch_size != p.local_mini_batch_size
+    if accumulates or ds.get("gradient_accumulation_steps") not in (1, "auto", None):
         # accelerator.backward runs engine.step() after every backward (we never clear
         # sync_gradients), so accumulation would step on every micro-batch.
         raise ConfigError("Under DeepSpeed use ppo.gradient_accumulation_steps: 1 and "

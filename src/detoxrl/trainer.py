@@ -102,9 +102,12 @@ class PPOTrainer:
         # ZeRO-3 shards the weights: every forward is a collective, so a rank whose responses
         # end early must keep stepping until all ranks are done (synced_gpus).
         # K samples per prompt (rloo, grpo) in consecutive rows, all on this process.
+        p = self.cfg.ppo
         return self.policy.generate(query_ids.to(device), query_mask.to(device), g, limits,
                                     queries, synced_gpus=dist.zero_stage(self.accelerator) == 3,
-                                    num_return_sequences=self.cfg.ppo.num_generations)
+                                    num_return_sequences=p.num_generations,
+                                    with_logprobs=p.logprobs_from_rollout,
+                                    with_values=p.logprobs_from_rollout and p.has_value_head)
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
@@ -134,30 +137,35 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 3. old + ref
     @torch.no_grad()
     def forward_old_and_ref(self, batch: Rollout) -> Rollout:
-        """Old log-probs and values, and reference log-probs, in mini-batch-sized chunks.
+        """Reference log-probs and, unless the rollout read them while sampling
+        (``ppo.logprobs_from_rollout``), old log-probs and values; in mini-batch-sized chunks.
 
         The order is free here, so chunks group prompts of similar length and carry little
         padding. The old pass reuses the rollout's encoder output (seq2seq), which is then
         dropped; the reference needs its own, as the adapter also changes the encoder.
         """
         t, with_values = self.cfg.generation.temperature, self.cfg.ppo.has_value_head
+        old_pass = batch.logprobs is None
         logprobs, ref_logprobs, values = (torch.zeros_like(batch.response_mask, dtype=torch.float)
                                           for _ in range(3))                           # (B, T)
         order = batch.query_mask.sum(1).argsort(descending=True).cpu()
         for idx in order.split(self.cfg.ppo.local_mini_batch_size):
             mb = batch.select(idx)
+            rows, width = idx.to(logprobs.device), mb.response_ids.shape[1]
             with self._autocast():
-                out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
-                                  mb.response_mask, t, with_values=with_values,
-                                  encoder_hidden=mb.encoder_hidden)
+                if old_pass:
+                    out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
+                                      mb.response_mask, t, with_values=with_values,
+                                      encoder_hidden=mb.encoder_hidden)
+                    logprobs[rows, :width] = out.logprobs.float()
+                    if with_values:
+                        values[rows, :width] = out.values.float()
                 with self.policy.reference():
                     ref = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
                                       mb.response_mask, t, with_values=False)
-            rows, width = idx.to(logprobs.device), mb.response_ids.shape[1]
-            logprobs[rows, :width] = out.logprobs.float()
             ref_logprobs[rows, :width] = ref.logprobs.float()
-            if with_values:
-                values[rows, :width] = out.values.float()
+        if not old_pass:
+            logprobs, values = batch.logprobs, batch.values
         mask = batch.response_mask.float()
         return replace(batch, logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
                        values=values * mask if with_values else None, encoder_hidden=None)
