@@ -65,8 +65,8 @@ def check_ranges(cfg: Any) -> None:
     """Raise ConfigError naming the first option outside its range, with the range."""
     for key, spec in RANGES.items():
         found, value = _lookup(cfg, key)
-        if not found or value is None or isinstance(value, bool):
-            continue
+        if not found or value is None or isinstance(value, bool) or value == "auto":
+            continue  # "auto" options (gradient_accumulation_steps) are resolved in finalize
         if not isinstance(value, (int, float)) or not in_range(value, spec):
             what = "in " if spec[0] not in "<>" else (
                 "a number " if isinstance(value, int) else "a finite number ")
