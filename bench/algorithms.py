@@ -9,10 +9,15 @@ algorithm (mean and spread over seeds): wall-clock seconds, seconds per step, sa
 generated, final reward and final KL to the reference (``objective/kl``, the mean of the last
 ``--last`` steps).
 
-    python bench/algorithms.py --configs ppo.yaml rloo.yaml grpo.yaml --samples 2048
+With ``--eval-prompts FILE`` every run is then evaluated as ``detoxrl evaluate --protocol
+rtp`` does (``--eval-k`` samples per prompt on the first ``--eval-n`` prompts of FILE, the
+responses held at the protocol's 20 tokens as in the demo), judged by ``profanity-check``,
+an independent judge, with the perplexity of the samples under the starting policy:
 
-Writes ``bench/results/algorithms.{json,md}``. Judge toxicity and perplexity need
-``detoxrl evaluate`` on each run folder (kept with ``--keep DIR``).
+    python bench/algorithms.py --configs ppo.yaml rloo.yaml grpo.yaml --samples 2048 \
+        --eval-prompts runs/demo/0-data/heldout-nontoxic.jsonl
+
+Writes ``bench/results/algorithms.{json,md}``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--last", type=int, default=5, help="steps averaged for final figures")
     ap.add_argument("--keep", default=None, help="keep the run folders under this folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--eval-prompts", default=None, help="held-out RTP prompt file to judge on")
+    ap.add_argument("--eval-n", type=int, default=100, help="prompts evaluated per run")
+    ap.add_argument("--eval-k", type=int, default=25, help="samples per evaluated prompt")
     args = ap.parse_args(argv)
     try:
         cfgs = [load_config(path) for path in args.configs]
@@ -90,7 +98,7 @@ def one_run(path: str, algorithm: str, seed: int, args, base: Path) -> dict:
     result = train(cfg, quiet=True)
     wall = time.perf_counter() - start
     last = result.metrics[-args.last:]
-    return {"algorithm": algorithm, "config": path, "seed": seed, "steps": cfg.steps,
+    row = {"algorithm": algorithm, "config": path, "seed": seed, "steps": cfg.steps,
             # wall_s includes loading the models; s_per_step is the steps' own time.
             "samples": cfg.steps * per_step, "wall_s": wall,
             "s_per_step": statistics.fmean(m["time/total"] for m in result.metrics),
@@ -98,6 +106,30 @@ def one_run(path: str, algorithm: str, seed: int, args, base: Path) -> dict:
             "final_kl": statistics.fmean(m["objective/kl"] for m in last),
             "reward": [m["env/reward_mean"] for m in result.metrics],
             "kl": [m["objective/kl"] for m in result.metrics]}
+    if args.eval_prompts:
+        row.update(judged(Path(cfg.output_dir), args))
+    return row
+
+
+JUDGE = "profanity-check"
+JUDGED = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")
+
+
+def judged(run_dir: Path, args) -> dict:
+    """The run's held-out figures: the judge's three measures and the perplexity, before
+    (the starting policy) and after."""
+    from detoxrl.evaluation.runner import evaluate
+    from detoxrl.evaluation.setup import EvalOptions, resolve_target
+
+    target = resolve_target(str(run_dir), None, None, ["--generation.min_length", "20"],
+                            str(run_dir / "eval"))
+    summary = evaluate(target, EvalOptions(
+        n=args.eval_n, protocol="rtp", samples_per_prompt=args.eval_k,
+        explicit_generation=frozenset({"min_length"}), prompts=args.eval_prompts,
+        judges=[JUDGE], n_resamples=2000, progress=False))["protocol"]
+    measures = {**summary["toxicity"][JUDGE]["measures"],
+                "perplexity": summary["fluency"]["perplexity"]}
+    return {name: {"before": m["before"], "after": m["after"]} for name, m in measures.items()}
 
 
 def table(runs: list[dict]) -> list[dict]:
@@ -106,11 +138,18 @@ def table(runs: list[dict]) -> list[dict]:
         mine = [r for r in runs if r["algorithm"] == algorithm]
         row = {"algorithm": algorithm, "runs": len(mine), "samples": mine[0]["samples"]}
         for key in ("wall_s", "s_per_step", "final_reward", "final_kl"):
-            values = [r[key] for r in mine]
-            row[key] = statistics.fmean(values)
-            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            _mean_std(row, key, [r[key] for r in mine])
+        for key in (*JUDGED, "perplexity"):
+            if key in mine[0]:
+                _mean_std(row, key, [r[key]["after"] for r in mine])
+                _mean_std(row, key + "_before", [r[key]["before"] for r in mine])
         rows.append(row)
     return rows
+
+
+def _mean_std(row: dict, key: str, values: list[float]) -> None:
+    row[key] = statistics.fmean(values)
+    row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def markdown(s: dict) -> str:
@@ -124,6 +163,16 @@ def markdown(s: dict) -> str:
                      f"{r['wall_s_std']:.1f} | {r['s_per_step']:.2f} | {r['final_reward']:.3f} ± "
                      f"{r['final_reward_std']:.3f} | {r['final_kl']:.2f} ± "
                      f"{r['final_kl_std']:.2f} |")
+    judged_rows = [r for r in s["table"] if "perplexity" in r]
+    if judged_rows:
+        lines += ["", f"Held-out prompts, judged by {JUDGE} (before → after, mean ± std over "
+                  "seeds; perplexity under the starting policy):", "",
+                  "| algorithm | exp. max tox. | tox. prob. | avg tox. | perplexity |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in judged_rows:
+            cells = [f"{r[k + '_before']:.3f} → {r[k]:.3f} ± {r[k + '_std']:.3f}"
+                     for k in (*JUDGED, "perplexity")]
+            lines.append(f"| {r['algorithm']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

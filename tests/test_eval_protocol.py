@@ -191,3 +191,37 @@ def test_a_tokenizer_that_cannot_encode_the_responses_is_refused():
     assert encode_responses(tok, ["hello hello", ""], "words") == [[1, 1], []]
     with pytest.raises(ConfigError, match="cannot encode 1 of 2 responses"):
         encode_responses(tok, ["hello", "bonjour"], "words")
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, request):
+    """The default fluency: exp(-mean log p_ref) of the sampled token ids, one row at a time
+    through the bare base model (no padding, no adapter) as the slow reference."""
+    from detoxrl.config import ModelConfig, SamplingConfig
+    from detoxrl.data import collate_queries
+    from detoxrl.evaluation.sampling import reference_perplexity
+    from detoxrl.policy import Policy
+
+    policy = Policy.from_pretrained(ModelConfig(name_or_path=str(
+        request.getfixturevalue(f"tiny_{arch}_path"))), trainable=False, value_head=False)
+    tok = policy.tokenizer
+    rows = [tok(t).input_ids for t in ["Hello there, how", "I think the meeting is", "No"]]
+    q, qm = collate_queries(rows, tok.pad_token_id, policy.padding_side)
+    torch.manual_seed(0)
+    rollout = policy.generate(q, qm, SamplingConfig(min_length=0), [6, 3, 6])
+    got = reference_perplexity(policy, rollout)
+    base = policy.model.get_base_model()
+    for i, prompt in enumerate(rows):
+        n = int(rollout.response_mask[i].sum())
+        response = rollout.response_ids[i, :n].tolist()
+        with torch.no_grad():
+            if policy.is_seq2seq:
+                start = base.config.decoder_start_token_id
+                logits = base(input_ids=torch.tensor([prompt]),
+                              decoder_input_ids=torch.tensor([[start, *response[:-1]]])
+                              ).logits[0]
+            else:
+                full = base(input_ids=torch.tensor([prompt + response])).logits[0]
+                logits = full[len(prompt) - 1:-1]
+        logp = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        assert got[i].item() == pytest.approx(float(torch.exp(-logp.mean())), rel=1e-4)

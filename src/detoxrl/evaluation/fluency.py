@@ -7,15 +7,16 @@ perplexity is ``exp(mean negative log-likelihood of its tokens)``. A causal LM r
 prompt and scores the response as the decoder's target. An empty response has no
 perplexity (NaN), and the per-prompt means skip it.
 
-The default fluency model is the reference policy (the run's starting model, adapter off);
-any causal LM or seq2seq model can be named instead with ``--fluency-model``.
+This module serves ``--fluency-model``, any causal LM or seq2seq model. The default fluency
+model is the reference policy (the run's starting model, adapter off); it scores the very
+token ids it and the trained policy sampled (``evaluation.sampling.reference_perplexity``),
+which needs no re-tokenization: the perplexity of the generated tokens, as the KL is.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,12 @@ REFERENCE = "reference policy (adapter off)"
 
 @dataclass
 class FluencyModel:
-    """A language model that scores responses; ``context`` is entered around each use
-    (for the reference policy: ``policy.reference()``)."""
+    """A language model that scores responses."""
 
     name: str
     model: Any
     tokenizer: Any
     is_seq2seq: bool
-    context: Callable[[], Any] = field(default=contextlib.nullcontext)
 
 
 def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
@@ -84,7 +83,7 @@ def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[s
     contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq)["input_ids"]
     out = np.full(len(targets), np.nan)
     device = next(fm.model.parameters()).device
-    with fm.context():
+    with torch.inference_mode():
         for start in range(0, len(targets), batch_size):
             rows = range(start, min(start + batch_size, len(targets)))
             nll, counts = _batch_nll(fm, [contexts[i] for i in rows],

@@ -102,19 +102,14 @@ def scorer_descriptions(cfg: TrainConfig, opts: EvalOptions, judges) -> dict[str
     return scorers
 
 
-def fluency_scorer(opts: EvalOptions, policy, device: torch.device):
-    """``--fluency-model``, or the reference policy (the run's start, adapter off)."""
-    from .fluency import REFERENCE, FluencyModel, load_fluency_model
-
-    if opts.fluency_model is None:
-        return FluencyModel(REFERENCE, policy.model, policy.tokenizer, policy.is_seq2seq,
-                            policy.reference)
-    return load_fluency_model(opts.fluency_model, device)
-
-
 def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[float]]:
+    """Per response, before and after: under ``--fluency-model`` (the response text
+    re-tokenized by its tokenizer), or, with none (``fm is None``), under the reference
+    policy, from the generated token ids the generation loop already scored."""
     from .fluency import perplexities
 
+    if fm is None:
+        return {"before": gen.ref_perplexity_before, "after": gen.ref_perplexity_after}
     queries = gen.sample_queries
     return {side: perplexities(fm, queries, texts, batch_size).tolist()
             for side, texts in (("before", gen.before), ("after", gen.after))}
@@ -139,11 +134,11 @@ def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
                                 dec.max_new_tokens, opts.batch_size, dec.seed,
                                 dec.kl_temperature, opts.progress, dec.samples_per_prompt)
     scores = score_generations(gen, scoring_jobs(reward, judges, opts.score_on), opts.progress)
-    fm = custom_fm or fluency_scorer(opts, policy, device)
-    perplexity = measure_perplexity(fm, gen, opts.batch_size)
+    perplexity = measure_perplexity(custom_fm, gen, opts.batch_size)
     summary = classic_summary(gen, scores, opts.toxic_label, opts.n_resamples, dec.seed,
                               policy.tokenizer)
-    fluency = {"model": fm.name, "reference": opts.fluency_model is None}
+    fluency = {"model": custom_fm.name if custom_fm else REFERENCE,
+               "reference": opts.fluency_model is None}
     if fluency["reference"]:
         fluency["note"] = f"perplexity under the {REFERENCE}: {cfg.model.name_or_path}"
     summary["protocol"] = protocol_summary(gen, scores, scorer_descriptions(cfg, opts, judges),

@@ -30,6 +30,10 @@ class Generations:
     before: list[str]
     after: list[str]
     kl: list[float] | None = None    # per response: sum_t logp_after - logp_ref
+    # Per response: the perplexity of its generated tokens under the reference policy (the
+    # run's start, temperature 1), from the token ids themselves; NaN for an empty response.
+    ref_perplexity_before: list[float] = dataclasses.field(default_factory=list)
+    ref_perplexity_after: list[float] = dataclasses.field(default_factory=list)
     tokens_before: list[int] = dataclasses.field(default_factory=list)  # generated, no EOS
     tokens_after: list[int] = dataclasses.field(default_factory=list)
     k: int = 1                       # samples per prompt
@@ -77,6 +81,8 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
         out.after += after.responses
         out.tokens_before += _lengths(before)
         out.tokens_after += _lengths(after)
+        out.ref_perplexity_before += reference_perplexity(policy, before).tolist()
+        out.ref_perplexity_after += reference_perplexity(policy, after).tolist()
         if out.kl is not None:
             out.kl += sequence_kl(policy, after, kl_temperature).tolist()
     return out
@@ -85,6 +91,24 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
 def _lengths(rollout) -> list[int]:
     """Generated tokens per response, EOS not counted."""
     return (rollout.response_mask.sum(1) - rollout.ended_with_eos.long()).tolist()
+
+
+@torch.no_grad()
+def reference_perplexity(policy, rollout) -> torch.Tensor:
+    """Per response, exp(-mean_t log p_ref(y_t | x, y_<t)) over its generated tokens (EOS
+    included when it was generated), ``(B,)`` CPU; NaN for an empty response.
+
+    The same tokens the sampler drew, scored by the reference at temperature 1: no decoding
+    and re-tokenizing, and only the response positions' logits are computed.
+    """
+    with policy.reference():
+        logp = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                      rollout.response_mask, 1.0, with_values=False).logprobs    # (B, T)
+    mask = rollout.response_mask.float()
+    count = mask.sum(1)
+    nll = -(logp.float() * mask).sum(1)
+    return torch.where(count > 0, torch.exp(nll / count.clamp(min=1)),
+                       torch.full_like(count, float("nan"))).cpu()
 
 
 @torch.no_grad()
