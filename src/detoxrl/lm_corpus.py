@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,16 @@ def _row(text: str, source: str) -> dict:
     return {"text": text, "prefix": None, "source": source}
 
 
+# DialogSum marks each turn "#Person1#: ". Kept, the tags give the LM a format of its own
+# that no prompt asks for and every classifier finds clean: RL against the mini Dynabench
+# reward moved 84% of the continuations into it (from 11%). Without them the dialogues
+# are plain conversational English.
+_SPEAKER_TAG = re.compile(r"#Person\d+#:\s*")
+
+
 def _dialogsum(root: Path) -> list[dict]:
-    return [_row(r["dialogue"], "dialogsum") for r in _jsonl(root / DIALOGSUM)]
+    return [_row(_SPEAKER_TAG.sub("", r["dialogue"]), "dialogsum")
+            for r in _jsonl(root / DIALOGSUM)]
 
 
 def _davidson(root: Path) -> list[dict]:
