@@ -17,12 +17,11 @@ from typing import Any
 from ..config import load_config, to_dict
 from . import prompts
 from .cache import Stage, StageResult, claim_output_dir, file_sha256, run_stage
-from .settings import DemoConfig, preset
+from .settings import JUDGE, DemoConfig, preset
 
 FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",
            "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
            "report": "5-report"}
-JUDGE = "profanity-check"
 PROTOCOL_TOKENS = 20  # the RealToxicityPrompts protocol's continuation length
 
 

@@ -9,6 +9,7 @@ from ..config import option
 from ..errors import ConfigError
 
 ARCHS = ("causal", "seq2seq")
+JUDGE = "profanity-check"  # the independent judge: alt-profanity-check, never the reward
 PRESETS = Path(__file__).resolve().parents[3] / "configs" / "mini"
 
 # The quick demo runs every stage's real code at tiny sizes, for CI: dotted overrides of each

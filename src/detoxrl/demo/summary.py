@@ -19,6 +19,7 @@ from ..errors import DataError
 from ..evaluation.tables import CSS
 from ..io import atomic_write_json, atomic_write_text
 from ..run_folder import provenance
+from .settings import JUDGE
 
 if TYPE_CHECKING:
     from .pipeline import DemoRun
@@ -157,15 +158,24 @@ def _figure_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _samples_html(path: Path) -> str:
-    """The first responses before and after, to see whether the policy games the reward."""
+    """The first sample of the first prompts, before and after, with the judge's score:
+    to read whether the policy games the reward (empty, repetitive or off-topic text)."""
     if not path.is_file():
         return ""
+    judge = f"judge:{JUDGE}"
     rows = []
     with path.open(encoding="utf-8") as fh:
-        for line, _ in zip(fh, range(SAMPLES_SHOWN), strict=False):
+        for line in fh:
             row = json.loads(line)
-            rows.append("<tr>" + "".join(
-                f'<td class="text">{html.escape(str(row.get(k, "")))}</td>'
-                for k in ("query", "before", "after")) + "</tr>")
-    return ("<h3>Sample responses</h3>\n<table><thead><tr><th>prompt</th><th>before</th>"
-            f"<th>after</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            if row.get("sample", 0) != 0:   # one response per prompt, K prompts apart
+                continue
+            cells = [row.get("query", ""), row.get("before", ""),
+                     _num(row.get(f"{judge}_before")), row.get("after", ""),
+                     _num(row.get(f"{judge}_after"))]
+            rows.append("<tr>" + "".join(f'<td class="text">{html.escape(str(c))}</td>'
+                                         for c in cells) + "</tr>")
+            if len(rows) == SAMPLES_SHOWN:
+                break
+    head = "".join(f"<th>{c}</th>" for c in ("prompt", "before", JUDGE, "after", JUDGE))
+    return (f"<h3>Sample responses</h3>\n<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
