@@ -288,8 +288,8 @@ def test_forward_logprobs_match_generate_scores(eos_policy):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_and_values_match_the_forward_pass(eos_policy, temperature):
     """Log-probs and values read while sampling equal a teacher-forced forward within 1e-5
-    (fp32), at the sampling temperature, though top-k and the EOS block of min_length
-    change what the sampler draws from (the raw logits are read, not the processed ones)."""
+    (fp32), at the sampling temperature and under the sampler's EOS block (min_length),
+    though top-k changes what the sampler draws from (the raw logits are read)."""
     policy = eos_policy
     q, qm = encode(policy, PROMPTS * 2)
     limits = [3, 12, 12, 12, 5, 12, 12, 12]
@@ -304,10 +304,17 @@ def test_rollout_logprobs_and_values_match_the_forward_pass(eos_policy, temperat
     assert rollout.encoder_hidden is None and plain.logprobs is None
     mask = rollout.response_mask
     assert rollout.logprobs.shape == rollout.values.shape == mask.shape
+    assert rollout.eos_blocked == 3                     # min(min_length, smallest limit)
     with torch.no_grad():
         out = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
-                     temperature=temperature)
+                     temperature=temperature, eos_blocked=rollout.eos_blocked)
+        unblocked = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
+                           temperature=temperature).logprobs
     torch.testing.assert_close(rollout.logprobs, out.logprobs * mask, atol=1e-5, rtol=0)
+    # At the blocked positions the sampler's distribution has no EOS: every token there is
+    # more likely than under the full softmax, exactly by the EOS mass removed.
+    gain = (out.logprobs - unblocked)[:, :3]
+    assert (gain > 0).all() and torch.equal(out.logprobs[:, 3:], unblocked[:, 3:])
     torch.testing.assert_close(rollout.values, out.values * mask, atol=1e-5, rtol=0)
     assert (rollout.logprobs[mask.bool()] < 0).all()
     with pytest.raises(ValueError, match="with_logprobs"):

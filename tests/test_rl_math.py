@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from detoxrl import rl_math
 from detoxrl.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -417,3 +418,18 @@ def test_running_moments_from_global_moments_and_state(gen):
     restored = RunningMoments()
     restored.load_state_dict(json.loads(json.dumps(local.state_dict())))
     assert (restored.mean, restored.var, restored.count) == (local.mean, local.var, local.count)
+
+
+def test_block_token_hand_values():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])   # (1, 3, 3)
+    blocked = rl_math.block_token(logits, token_id=2, first_n=2)
+    lowest = torch.finfo(torch.float32).min
+    assert blocked[0, 0, 2] == lowest and blocked[0, 1, 2] == lowest
+    assert torch.equal(blocked[0, 2], logits[0, 2])
+    assert torch.equal(blocked[..., :2], logits[..., :2])
+    probs = blocked.softmax(-1)
+    torch.testing.assert_close(probs[0, 0], torch.tensor([0.2689414, 0.7310586, 0.0]))
+    assert torch.isfinite(rl_math.entropy_from_logits(blocked)).all()
+    assert rl_math.block_token(logits, 2, 0) is logits                     # nothing blocked
+    one_step = rl_math.block_token(logits[:, 0], 2, 1)                       # (B, V) form
+    assert one_step[0, 2] == lowest and torch.equal(one_step[0, :2], logits[0, 0, :2])

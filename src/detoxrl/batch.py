@@ -37,6 +37,9 @@ class Rollout:
     # Seq2seq only: the encoder's output for the queries under the rollout policy, kept so
     # the old log-probs need no second encoder pass. None for causal LMs and once used.
     encoder_hidden: Tensor | None = None  # (B, Q, H) last encoder hidden state
+    # EOS was impossible at the first eos_blocked positions (min_new_tokens): every log-prob
+    # of this rollout is taken under that same block (rl_math.block_token).
+    eos_blocked: int = 0
     # Filled in by the trainer after generation; None until then.
     scores: Tensor | None = None          # (B,) reward-model score per response
     logprobs: Tensor | None = None        # (B, T) log-probs under the rollout policy

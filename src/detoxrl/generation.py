@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rl_math import block_token
+
 
 def draw_lengths(n: int, low: int, high: int, generator: torch.Generator) -> list[int]:
     """``n`` per-prompt ``max_new_tokens`` drawn uniformly from ``[low, high]``."""
@@ -41,9 +43,10 @@ class SampledTokenStats:
     The old log-probs of PPO (and of RLOO/GRPO's ratio) are the sampling policy's own, so
     they can be read while sampling instead of by a second forward pass. Hooks on the LM
     head and on the decoder keep the *raw* logits and the last hidden state of the newest
-    position; generate's processed scores would not do, since top-k/top-p and the EOS block
-    of ``min_new_tokens`` mask them, while the trainer's forward pass does not. Once the
-    token is sampled, a stopping criterion that never stops (the one hook ``generate``
+    position; generate's processed scores would not do, since top-k/top-p mask them, while
+    the trainer's forward pass does not. The EOS block of ``min_new_tokens`` is applied here
+    as in ``Policy.forward`` (``rl_math.block_token``): it is the distribution sampled from.
+    Once the token is sampled, a stopping criterion that never stops (the one hook ``generate``
     calls with the sampled token) gathers its log-prob at ``temperature``. Per step only
     (B, V) is alive, never the (B, T, V) logits of the whole response.
 
@@ -52,8 +55,9 @@ class SampledTokenStats:
     """
 
     def __init__(self, lm_head: torch.nn.Module, decoder: torch.nn.Module | None,
-                 temperature: float):
+                 temperature: float, eos_token_id: int | None = None, eos_blocked: int = 0):
         self.lm_head, self.decoder, self.temperature = lm_head, decoder, temperature
+        self.eos_token_id, self.eos_blocked = eos_token_id, eos_blocked
         self._logits: Tensor | None = None      # (B, V) raw logits of the newest position
         self._hidden: Tensor | None = None      # (B, H) its last hidden state
         self.logprobs: list[Tensor] = []        # T x (B,)
@@ -89,6 +93,8 @@ class SampledTokenStats:
         logits = self._logits.float()
         if self.temperature != 1.0:
             logits = logits / self.temperature
+        step = len(self.logprobs)  # as Policy.forward: EOS blocked at the first positions
+        logits = block_token(logits, self.eos_token_id, int(step < self.eos_blocked))
         logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
         self.logprobs.append(logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
         if self.decoder is not None:

@@ -201,8 +201,8 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
                 response_mask: Tensor, temperature: float = 1.0, with_values: bool = True,
-                with_entropy: bool = False, encoder_hidden: Tensor | None = None
-                ) -> PolicyOutput:
+                with_entropy: bool = False, encoder_hidden: Tensor | None = None,
+                eos_blocked: int = 0) -> PolicyOutput:
         """Per-token log-probs (and values, entropy) of ``response_ids`` given the queries.
 
         Shapes: queries (B, Q), responses (B, T); every output is (B, T). Positions outside
@@ -220,6 +220,8 @@ class Policy(nn.Module):
         logits = logits.float()                                             # (B, T, V)
         if temperature != 1.0:
             logits = logits / temperature
+        # The distribution generate sampled from: EOS blocked at the first positions.
+        logits = rl_math.block_token(logits, self.tokenizer.eos_token_id, eos_blocked)
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         if with_values and self.value_head is None:
@@ -323,7 +325,9 @@ class Policy(nn.Module):
             limits = [n for n in limits for _ in range(k)]
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
-        stats = self._token_stats(sampling, with_values) if with_logprobs else None
+        eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
+        stats = (self._token_stats(sampling, with_values, eos_blocked) if with_logprobs
+                 else None)
         sequences = sample(self.model, self.tokenizer, query_ids, query_mask, sampling,
                            limits, stats, synced_gpus=synced_gpus, **extra)
         # Seq2seq output starts with the decoder start token; causal output with the query.
@@ -341,13 +345,14 @@ class Policy(nn.Module):
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
                        response_mask=mask, queries=list(queries),
                        responses=tok.batch_decode(response, skip_special_tokens=True),
-                       ended_with_eos=ended, **read).trim()
+                       ended_with_eos=ended, eos_blocked=eos_blocked, **read).trim()
 
-    def _token_stats(self, sampling: SamplingConfig, with_values: bool) -> SampledTokenStats:
+    def _token_stats(self, sampling: SamplingConfig, with_values: bool,
+                     eos_blocked: int) -> SampledTokenStats:
         base = self.model.get_base_model()
         return SampledTokenStats(base.get_output_embeddings(),
                                  base.get_decoder() if with_values else None,
-                                 sampling.temperature)
+                                 sampling.temperature, self.tokenizer.eos_token_id, eos_blocked)
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:

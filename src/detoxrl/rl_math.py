@@ -326,6 +326,28 @@ def aggregate_loss(losses: Tensor, mask: Tensor, loss_type: str,
                      + ", ".join(repr(t) for t in LOSS_TYPES) + ".")
 
 
+def block_token(logits: Tensor, token_id: int, first_n: int) -> Tensor:
+    """The logits of the distribution a sampler with ``min_new_tokens=first_n`` draws from.
+
+    ``generate`` makes ``token_id`` (EOS) impossible at the first ``first_n`` response
+    positions. Log-probs scored without that block belong to another distribution: PPO's
+    gradient then moves mass onto the never-sampled EOS, the sampled tokens' log-probs fall
+    while the reference's do not, and the k1 KL estimate turns strongly negative (seen: -53
+    nats a response). Here the blocked logits get the dtype's minimum (not -inf, so that
+    entropies stay finite). ``logits``: (B, T, V) or (B, V) with ``first_n`` 0 or 1.
+    """
+    if first_n <= 0 or token_id is None:
+        return logits
+    positions = torch.arange(logits.shape[-2] if logits.dim() == 3 else 1,
+                             device=logits.device)
+    blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    blocked[token_id] = True
+    where = (positions < first_n)[:, None] & blocked                        # (T, V)
+    if logits.dim() == 2:
+        where = where[0]
+    return logits.masked_fill(where, torch.finfo(logits.dtype).min)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """H = logsumexp(z) - sum_v softmax(z)_v z_v, (..., V) -> (...).
 

@@ -156,13 +156,15 @@ class PPOTrainer:
                 if old_pass:
                     out = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
                                       mb.response_mask, t, with_values=with_values,
-                                      encoder_hidden=mb.encoder_hidden)
+                                      encoder_hidden=mb.encoder_hidden,
+                                      eos_blocked=mb.eos_blocked)
                     logprobs[rows, :width] = out.logprobs.float()
                     if with_values:
                         values[rows, :width] = out.values.float()
                 with self.policy.reference():
                     ref = self.policy(mb.query_ids, mb.query_mask, mb.response_ids,
-                                      mb.response_mask, t, with_values=False)
+                                      mb.response_mask, t, with_values=False,
+                                      eos_blocked=mb.eos_blocked)
             ref_logprobs[rows, :width] = ref.logprobs.float()
         if not old_pass:
             logprobs, values = batch.logprobs, batch.values
@@ -212,7 +214,8 @@ class PPOTrainer:
         with self._autocast():
             out = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mask,
                              self.cfg.generation.temperature,
-                             with_values=self.cfg.ppo.has_value_head, with_entropy=True)
+                             with_values=self.cfg.ppo.has_value_head, with_entropy=True,
+                             eos_blocked=mb.eos_blocked)
         loss, stats = self.algorithm.loss(out, mb)
         stats["policy/entropy"] = rl_math.masked_mean(out.entropy.detach(), mask)
         return loss, stats

@@ -103,7 +103,8 @@ def reference_perplexity(policy, rollout) -> torch.Tensor:
     """
     with policy.reference():
         logp = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                      rollout.response_mask, 1.0, with_values=False).logprobs    # (B, T)
+                      rollout.response_mask, 1.0, with_values=False,
+                      eos_blocked=rollout.eos_blocked).logprobs                   # (B, T)
     mask = rollout.response_mask.float()
     count = mask.sum(1)
     nll = -(logp.float() * mask).sum(1)
@@ -116,7 +117,7 @@ def sequence_kl(policy, rollout, temperature: float) -> torch.Tensor:
     """Per response, sum over its tokens of log p_trained - log p_reference, ``(B,)`` CPU."""
     args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
             temperature)
-    logp = policy(*args, with_values=False).logprobs
+    logp = policy(*args, with_values=False, eos_blocked=rollout.eos_blocked).logprobs
     with policy.reference():
-        ref = policy(*args, with_values=False).logprobs
+        ref = policy(*args, with_values=False, eos_blocked=rollout.eos_blocked).logprobs
     return ((logp - ref) * rollout.response_mask).sum(1).float().cpu()
