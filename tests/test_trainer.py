@@ -123,9 +123,10 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
     got = trainer.forward_old_and_ref(batch)
     with torch.no_grad():
         args = (batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-        old = policy(*args)
+        assert batch.eos_blocked == 2              # min(min_length 4, the smallest limit)
+        old = policy(*args, eos_blocked=batch.eos_blocked)
         with policy.reference():
-            ref = policy(*args, with_values=False)
+            ref = policy(*args, with_values=False, eos_blocked=batch.eos_blocked)
     mask = batch.response_mask.float()
     assert got.encoder_hidden is None                 # used once, then dropped
     assert (got.logprobs - got.ref_logprobs).abs().max() > 1e-3
