@@ -81,3 +81,12 @@ def tiny_dialogsum(tiny_dir) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """``tiny:`` names build into a per-session cache, never the user's home."""
     monkeypatch.setenv("DETOXRL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The session's tiny-model cache for module-scoped fixtures, which run before the
+    per-test ``_isolated_cache`` above sets it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DETOXRL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield

@@ -26,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The session's tiny-model cache (as conftest's autouse fixture sets it per test)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DETOXRL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        yield
-
-
 def cli(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -12,7 +12,6 @@ head (RLOO, GRPO) simply has none in its manifest; one that had it must find it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
-from .io import atomic_dir, atomic_write_json, to_jsonable
+from .io import atomic_dir, atomic_write_json, file_sha256, to_jsonable
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -174,22 +173,15 @@ def checkpoint_problem(path: Path, expects_value_head: bool = False) -> str | No
         if target.stat().st_size != entry["bytes"]:
             return (f"{name} has {target.stat().st_size} bytes, {entry['bytes']} were "
                     "written (truncated?)")
-        if _sha256(target) != entry["sha256"]:
+        if file_sha256(target) != entry["sha256"]:
             return f"{name} does not match the checksum written with it (corrupted)"
     return None
 
 
 def _file_list(folder: Path) -> dict[str, dict]:
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _has_trainable_head(policy) -> bool:

@@ -7,6 +7,7 @@ final ``os.replace`` is a rename) and only then moved into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -134,3 +135,12 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     for path in found:
         _remove(path)
     return found
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints, adapters, data)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -61,13 +61,6 @@ def inputs_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def read_record(folder: Path) -> dict[str, Any] | None:
     """The ``stage.json`` of a finished stage, or None (absent or unreadable)."""

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config, to_dict
+from ..io import file_sha256
 from . import prompts
-from .cache import Stage, StageResult, claim_output_dir, file_sha256, run_stage
+from .cache import Stage, StageResult, claim_output_dir, run_stage
 from .settings import JUDGE, DemoConfig, preset
 
 FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",

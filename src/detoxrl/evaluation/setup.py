@@ -9,7 +9,6 @@ tokens, K = 25 samples per prompt. Explicit options (``--max-new-tokens``,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from .. import __version__
 from ..config import SamplingConfig, TrainConfig, load_config, to_dict
 from ..errors import ConfigError, DataError, ModelLoadError
-from ..io import check_writable
+from ..io import check_writable, file_sha256
 
 EVAL_DIR = "eval"
 DEFAULT_MAX_NEW_TOKENS = 100  # the tutorial evaluated toxicity on 100-token responses
@@ -186,13 +185,6 @@ def settings(target: Target, opts: EvalOptions, n_available: int) -> dict[str, A
     }
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def device_for(opts: EvalOptions) -> torch.device:
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -261,9 +253,10 @@ def check_evaluation_current(out_dir: Path, adapter_dir: Path | None = None) -> 
     weights = adapter / ADAPTER_WEIGHTS
     if not recorded or not weights.is_file():
         return
-    if file_sha256(weights) != recorded:
+    on_disk = file_sha256(weights)
+    if on_disk != recorded:
         raise ConfigError(
             f"{str(path)!r} evaluated another adapter than {str(weights)!r} (SHA-256 "
-            f"{recorded[:12]}… recorded, {file_sha256(weights)[:12]}… on disk): the run was "
+            f"{recorded[:12]}… recorded, {on_disk[:12]}… on disk): the run was "
             "trained again after it was evaluated. Refresh the evaluation with `detoxrl "
             "evaluate RUN_DIR` (with the same --adapter/--output, if you used them).")
