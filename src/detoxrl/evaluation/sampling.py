@@ -81,10 +81,14 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
         out.after += after.responses
         out.tokens_before += _lengths(before)
         out.tokens_after += _lengths(after)
-        out.ref_perplexity_before += reference_perplexity(policy, before).tolist()
-        out.ref_perplexity_after += reference_perplexity(policy, after).tolist()
-        if out.kl is not None:
-            out.kl += sequence_kl(policy, after, kl_temperature).tolist()
+        ref_after = reference_logprobs(policy, after, 1.0)                     # (B, T)
+        out.ref_perplexity_before += perplexity(
+            reference_logprobs(policy, before, 1.0), before.response_mask).tolist()
+        out.ref_perplexity_after += perplexity(ref_after, after.response_mask).tolist()
+        if out.kl is not None:  # at T = 1 the reference pass above serves the KL too
+            ref = (ref_after if kl_temperature == 1.0
+                   else reference_logprobs(policy, after, kl_temperature))
+            out.kl += sequence_kl(policy, after, kl_temperature, ref).tolist()
     return out
 
 
@@ -94,30 +98,39 @@ def _lengths(rollout) -> list[int]:
 
 
 @torch.no_grad()
-def reference_perplexity(policy, rollout) -> torch.Tensor:
-    """Per response, exp(-mean_t log p_ref(y_t | x, y_<t)) over its generated tokens (EOS
-    included when it was generated), ``(B,)`` CPU; NaN for an empty response.
-
-    The same tokens the sampler drew, scored by the reference at temperature 1: no decoding
-    and re-tokenizing, and only the response positions' logits are computed.
-    """
+def reference_logprobs(policy, rollout, temperature: float) -> torch.Tensor:
+    """Log-probs of the rollout's own token ids under the reference policy, ``(B, T)``,
+    under the sampler's EOS block: no decoding and re-tokenizing, response logits only."""
     with policy.reference():
-        logp = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                      rollout.response_mask, 1.0, with_values=False,
-                      eos_blocked=rollout.eos_blocked).logprobs                   # (B, T)
-    mask = rollout.response_mask.float()
+        return policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                      rollout.response_mask, temperature, with_values=False,
+                      eos_blocked=rollout.eos_blocked).logprobs
+
+
+def perplexity(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per response, exp(-mean_t log p(y_t)) over its tokens (EOS included when it was
+    generated), ``(B,)`` CPU; NaN for an empty response."""
+    mask = mask.float()
     count = mask.sum(1)
-    nll = -(logp.float() * mask).sum(1)
+    nll = -(logprobs.float() * mask).sum(1)
     return torch.where(count > 0, torch.exp(nll / count.clamp(min=1)),
                        torch.full_like(count, float("nan"))).cpu()
 
 
+def reference_perplexity(policy, rollout) -> torch.Tensor:
+    """The default fluency: :func:`perplexity` of the generated tokens under the reference
+    at temperature 1, ``(B,)`` CPU."""
+    return perplexity(reference_logprobs(policy, rollout, 1.0), rollout.response_mask)
+
+
 @torch.no_grad()
-def sequence_kl(policy, rollout, temperature: float) -> torch.Tensor:
-    """Per response, sum over its tokens of log p_trained - log p_reference, ``(B,)`` CPU."""
-    args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
-            temperature)
-    logp = policy(*args, with_values=False, eos_blocked=rollout.eos_blocked).logprobs
-    with policy.reference():
-        ref = policy(*args, with_values=False, eos_blocked=rollout.eos_blocked).logprobs
-    return ((logp - ref) * rollout.response_mask).sum(1).float().cpu()
+def sequence_kl(policy, rollout, temperature: float,
+                ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per response, sum over its tokens of log p_trained - log p_reference, ``(B,)`` CPU;
+    ``ref_logprobs`` (from :func:`reference_logprobs` at ``temperature``) saves that pass."""
+    logp = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                  rollout.response_mask, temperature, with_values=False,
+                  eos_blocked=rollout.eos_blocked).logprobs
+    if ref_logprobs is None:
+        ref_logprobs = reference_logprobs(policy, rollout, temperature)
+    return ((logp - ref_logprobs) * rollout.response_mask).sum(1).float().cpu()
