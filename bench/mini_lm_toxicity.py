@@ -48,7 +48,7 @@ def sample_continuations(model_dir: str, prompts: list[str], k: int, top_p: floa
     policy = Policy.from_pretrained(ModelConfig(name_or_path=model_dir), LoraSettings(r=1),
                                     trainable=False)
     sampling = SamplingConfig(min_new_tokens_draw=new_tokens, max_new_tokens_draw=new_tokens,
-                              min_length=0, top_k=0, top_p=top_p)
+                              min_length=new_tokens, top_k=0, top_p=top_p)
     torch.manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_prompts):

@@ -248,11 +248,15 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     assert main(argv) == 0  # a second run finds every stage up to date
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(s["cached"] for s in again["stages"])
-    assert main([*argv, "--rl.steps", "3"]) == 0  # a changed RL option rebuilds RL onwards
+    # A changed RL option rebuilds RL onwards; --toxic-prompts caps the toxic set only.
+    assert main([*argv, "--rl.steps", "3", "--toxic-prompts", "2"]) == 0
     third = {s["name"]: s["cached"] for s in json.loads(
         (out / "demo_summary.json").read_text())["stages"]}
     assert third == {"data": True, "reward": True, "policy": True, "rl": False,
                      "eval-nontoxic": False, "eval-toxic": False, "report": False}
+    evaluated = {part: json.loads((out / FOLDERS[f"eval-{part}"] / "summary.json").read_text())
+                 ["protocol"]["n_prompts"] for part in ("nontoxic", "toxic")}
+    assert evaluated == {"nontoxic": 4, "toxic": 2}
 
 
 def _eval_folder(folder: Path, before: list[float], after: list[float]) -> Path:

@@ -15,7 +15,7 @@ import torch
 from detoxrl.batch import Rollout
 from detoxrl.config import ModelConfig, SamplingConfig
 from detoxrl.data import collate_queries
-from detoxrl.generation import draw_lengths, response_mask
+from detoxrl.generation import NucleusFilter, draw_lengths, response_mask
 from detoxrl.policy import Policy
 
 EOS = 1
@@ -164,6 +164,49 @@ def test_draw_lengths_is_seeded_and_handles_a_point_range():
 
 
 # --------------------------------------------------------------------------- Policy.generate
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat (wide nucleus) to peaked
+def test_nucleus_filter_keeps_transformers_top_p_set(top_p, scale):
+    """The same kept set as transformers' sorting TopPLogitsWarper, on rows from flat to
+    peaked (first_k 4 forces the retries that widen k up to the whole vocabulary), with
+    tokens already at -inf (a blocked EOS); kept scores are unchanged."""
+    from transformers import TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 500, generator=gen) * scale
+    scores[:, 1] = float("-inf")
+    expected = TopPLogitsWarper(top_p)(None, scores.clone())
+    for first_k in (4, 256):
+        got = NucleusFilter(top_p, first_k=first_k)(None, scores.clone())
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        kept = ~torch.isinf(got)
+        assert torch.equal(got[kept], scores[kept])
+    counts = (~torch.isinf(expected)).sum(1)
+    assert counts.min() >= 1
+
+
+@pytest.mark.parametrize(("top_k", "temperature"), [(0, 0.7), (40, 1.3)])
+def test_generate_top_p_draws_what_transformers_top_p_draws(eos_policy, top_k, temperature):
+    """``Policy.generate`` with top_p (our NucleusFilter, after temperature and top-k)
+    draws token for token what ``model.generate`` with transformers' own top-p draws from
+    the same seed."""
+    policy, tok, steps = eos_policy, eos_policy.tokenizer, 8
+    q, qm = encode(policy, PROMPTS * 4)
+    sampling = SamplingConfig(min_new_tokens_draw=steps, max_new_tokens_draw=steps,
+                              min_length=4, top_k=top_k, top_p=0.6, temperature=temperature)
+    torch.manual_seed(3)
+    ours = policy.generate(q, qm, sampling)
+    torch.manual_seed(3)
+    out = policy.model.generate(input_ids=q, attention_mask=qm, max_new_tokens=steps,
+                                min_new_tokens=4, do_sample=True, top_k=top_k, top_p=0.6,
+                                temperature=temperature,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    theirs = sampled_response(policy, out, q.shape[1])
+    mask = ours.response_mask.bool()
+    assert torch.equal(ours.response_ids[mask], theirs[:, :mask.shape[1]][mask])
+    assert len(set(ours.responses)) > 8                                # it did sample
+
 
 def test_generate_shapes_masks_and_limits(eos_policy):
     policy, tok = eos_policy, eos_policy.tokenizer

@@ -111,6 +111,36 @@ class SampledTokenStats:
         return logprobs, hidden
 
 
+class NucleusFilter:
+    """Nucleus (top-p) filtering (Holtzman et al. 2020) without sorting the vocabulary.
+
+    The same set as transformers' ``TopPLogitsWarper``: keep the highest-probability tokens
+    whose mass *before* them (in descending order) is below ``top_p``, at least one. That
+    warper sorts all V scores of every row at every step, which was 40% of the evaluation's
+    generation time on the CPU (a (B, 8000) sort costs ~5x a ``topk`` of 256). Here ``topk``
+    of a few hundred tokens usually holds the nucleus; a batch where some row's nucleus is
+    wider retries with 4x as many, up to the whole vocabulary, so the result never depends
+    on the first guess.
+    """
+
+    def __init__(self, top_p: float, first_k: int = 256):
+        self.top_p, self.first_k = top_p, first_k
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:    # scores: (B, V)
+        probs = scores.float().softmax(dim=-1)
+        k = min(self.first_k, scores.shape[-1])
+        while True:
+            top_probs, top_ids = probs.topk(k, dim=-1)                    # (B, k) descending
+            mass_before = top_probs.cumsum(dim=-1) - top_probs            # (B, k)
+            if k == scores.shape[-1] or bool((mass_before[:, -1] >= self.top_p).all()):
+                break
+            k = min(4 * k, scores.shape[-1])
+        keep = mass_before < self.top_p
+        keep[:, 0] = True
+        kept_scores = scores.gather(-1, top_ids).masked_fill(~keep, float("-inf"))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, top_ids, kept_scores)
+
+
 def sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, sampling, limits: list[int],
            stats: SampledTokenStats | None = None, **kwargs) -> Tensor:
     """``model.generate``'s raw output up to the largest limit, ``stats`` recording if given.
@@ -118,17 +148,39 @@ def sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, sampling, li
     ``sampling``: a ``SamplingConfig``; ``kwargs`` go to ``generate`` (``synced_gpus``,
     ``encoder_outputs``).
     """
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    warpers, decoding = _warpers(sampling)
     handles = stats.hooks() if stats is not None else []
     try:
         return model.generate(
             input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max(limits),
             min_new_tokens=min(sampling.min_length, min(limits)), do_sample=sampling.do_sample,
-            top_k=sampling.top_k, top_p=sampling.top_p, temperature=sampling.temperature,
-            num_beams=sampling.num_beams, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList(
+            **decoding, num_beams=sampling.num_beams, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList(warpers),
+            stopping_criteria=StoppingCriteriaList(
                 [stats.criterion()] if stats is not None else []), **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _warpers(sampling) -> tuple[list, dict]:
+    """Logits warpers to hand ``generate``, and its own decoding options.
+
+    Under nucleus sampling, temperature, top-k and our :class:`NucleusFilter` go in as
+    custom processors, in the order generate itself applies them, and generate's own are
+    switched off: it puts custom processors *before* its temperature and top-k.
+    """
+    if not (sampling.do_sample and 0.0 < sampling.top_p < 1.0):
+        return [], {"top_k": sampling.top_k, "top_p": sampling.top_p,
+                    "temperature": sampling.temperature}
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+
+    warpers = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    warpers.append(NucleusFilter(sampling.top_p))
+    return warpers, {"top_k": 0, "top_p": 1.0, "temperature": 1.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..demo.settings import DemoConfig
+from ..demo.settings import TOXIC_PROMPTS, DemoConfig
 from ..errors import ConfigError
 from .evaluate import paragraphs
 
@@ -40,6 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help=_help("seed"))
     p.add_argument("--eval-prompts", type=int, default=None, metavar="N",
                    help=_help("eval_prompts"))
+    p.add_argument("--toxic-prompts", type=int, default=TOXIC_PROMPTS, metavar="N",
+                   help=_help("toxic_prompts"))
     p.add_argument("--samples-per-prompt", type=int, default=None, metavar="K",
                    help=_help("samples_per_prompt"))
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = stage_overrides(args.overrides)
     cfg = DemoConfig(arch=args.arch, data_dir=args.data_dir, output_dir=args.output_dir,
                      seed=args.seed, quick=args.quick, eval_prompts=args.eval_prompts,
+                     toxic_prompts=args.toxic_prompts,
                      samples_per_prompt=args.samples_per_prompt,
                      reward_overrides=overrides["reward"],
                      policy_overrides=overrides["policy"], rl_overrides=overrides["rl"])

@@ -144,7 +144,8 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
     """The RealToxicityPrompts protocol on one held-out set, through ``detoxrl evaluate``."""
     name = f"eval-{part}"
     prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[part]
-    inputs = {"protocol": "rtp", "min_length": PROTOCOL_TOKENS,
+    n = str(cfg.toxic_prompts) if part == "toxic" else "all"
+    inputs = {"protocol": "rtp", "min_length": PROTOCOL_TOKENS, "n": n,
               "samples_per_prompt": cfg.samples_per_prompt,
               "judges": [JUDGE], "prompts": paths.portable(str(prompt_file)),
               "upstream": upstream}
@@ -152,7 +153,7 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
     # rollouts (configs/mini/detox-*.yaml), so a shorter answer cannot pass for a cleaner one.
     argv = ["evaluate", str(paths.folder("rl")), "--protocol", "rtp",
             "--generation.min_length", str(PROTOCOL_TOKENS),
-            "--samples-per-prompt", str(cfg.samples_per_prompt), "--judge", JUDGE,
+            "--n", n, "--samples-per-prompt", str(cfg.samples_per_prompt), "--judge", JUDGE,
             "--prompts", str(prompt_file), "--output", None, *(["--quiet"] if quiet else [])]
 
     def build(folder: Path) -> dict[str, Any]:
