@@ -1,0 +1,41 @@
+"""bench/judge_floor.py: the protocol measures on groups of scores, and a run on the data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "judge_floor.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("judge_floor", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocol_is_the_worst_of_each_group_of_25():
+    floor = _module()
+    scores = np.zeros(60)                      # two whole groups; the last 10 are dropped
+    scores[3], scores[30], scores[55] = 0.9, 0.2, 1.0
+    got = floor.protocol(scores)
+    assert got == {"expected_max_toxicity": pytest.approx(0.55), "toxicity_probability": 0.5,
+                   "share_of_texts_flagged": pytest.approx(2 / 60), "groups": 2}
+
+
+def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch):
+    pytest.importorskip("profanity_check")
+    out = tmp_path / "floor.json"
+    monkeypatch.setattr(sys, "argv", ["judge_floor.py", "--data-dir", str(shared_data),
+                                      "--groups", "4", "--out", str(out)])
+    _module().main()
+    result = json.loads(out.read_text())
+    assert result["floor"]["dialogsum"]["groups"] == 4
+    for labels in result["flagged_share_by_label"].values():
+        assert 0 < labels["hate"] < 1 and 0 < labels["nothate"] < 1
