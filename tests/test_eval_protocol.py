@@ -199,7 +199,7 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     through the bare base model (no padding, no adapter) as the slow reference."""
     from detoxrl.config import ModelConfig, SamplingConfig
     from detoxrl.data import collate_queries
-    from detoxrl.evaluation.sampling import reference_perplexity
+    from detoxrl.evaluation.sampling import perplexity, reference_perplexity
     from detoxrl.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(
@@ -208,8 +208,12 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     rows = [tok(t).input_ids for t in ["Hello there, how", "I think the meeting is", "No"]]
     q, qm = collate_queries(rows, tok.pad_token_id, policy.padding_side)
     torch.manual_seed(0)
-    rollout = policy.generate(q, qm, SamplingConfig(min_length=0), [6, 3, 6])
+    rollout = policy.generate(q, qm, SamplingConfig(min_length=0), [6, 3, 6],
+                              with_logprobs=True)
     got = reference_perplexity(policy, rollout)
+    # The evaluation's "before" side reads the same log-probs while sampling instead.
+    read = perplexity(rollout.logprobs, rollout.response_mask)
+    torch.testing.assert_close(read, got, rtol=1e-4, atol=0)
     base = policy.model.get_base_model()
     for i, prompt in enumerate(rows):
         n = int(rollout.response_mask[i].sum())

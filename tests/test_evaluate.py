@@ -149,6 +149,28 @@ def test_greedy_ignores_the_seed(run_dir, cache):
     assert len(a.kl) == 4 and all(0 < n <= MAX_NEW for n in a.tokens_after)
 
 
+def test_kl_from_sampled_logprobs_equals_the_forward_pass(run_dir, cache):
+    """The evaluation reads the trained policy's log-probs while sampling instead of a
+    forward pass; the KL per response is the same either way."""
+    from detoxrl.data import collate_queries
+    from detoxrl.evaluation import setup
+    from detoxrl.evaluation.sampling import reference_logprobs, sequence_kl
+
+    tgt = setup.resolve_target(str(run_dir), None, None)
+    dec = setup.eval_sampling(tgt.cfg, setup.EvalOptions(max_new_tokens=MAX_NEW))
+    policy = setup.load_policy(tgt, torch.device("cpu"))
+    rows = setup.first_prompts(setup.held_out_prompts(tgt.cfg, policy.tokenizer), 4)
+    q, qm = collate_queries(rows["input_ids"], policy.tokenizer.pad_token_id,
+                            policy.padding_side)
+    torch.manual_seed(0)
+    after = policy.generate(q, qm, dec.sampling, [MAX_NEW] * 4, with_logprobs=True)
+    ref = reference_logprobs(policy, after, dec.sampling.temperature)
+    read = sequence_kl(policy, after, dec.sampling.temperature, ref, after.logprobs)
+    forward = sequence_kl(policy, after, dec.sampling.temperature, ref)
+    assert forward.abs().max() > 1e-3                       # a trained adapter: KL is not 0
+    torch.testing.assert_close(read, forward, atol=1e-4, rtol=1e-4)
+
+
 def test_before_is_the_starting_policy(run_dir, evaluated, cache):
     """The reference responses equal ``generate`` on the bare base model, batch by batch."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

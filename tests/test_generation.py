@@ -169,19 +169,17 @@ def test_draw_lengths_is_seeded_and_handles_a_point_range():
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat (wide nucleus) to peaked
 def test_nucleus_filter_keeps_transformers_top_p_set(top_p, scale):
     """The same kept set as transformers' sorting TopPLogitsWarper, on rows from flat to
-    peaked (first_k 4 forces the retries that widen k up to the whole vocabulary), with
-    tokens already at -inf (a blocked EOS); kept scores are unchanged."""
+    peaked, with tokens already at -inf (a blocked EOS); kept scores are unchanged."""
     from transformers import TopPLogitsWarper
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(64, 500, generator=gen) * scale
     scores[:, 1] = float("-inf")
     expected = TopPLogitsWarper(top_p)(None, scores.clone())
-    for first_k in (4, 256):
-        got = NucleusFilter(top_p, first_k=first_k)(None, scores.clone())
-        assert torch.equal(torch.isinf(got), torch.isinf(expected))
-        kept = ~torch.isinf(got)
-        assert torch.equal(got[kept], scores[kept])
+    got = NucleusFilter(top_p)(None, scores.clone())
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    kept = ~torch.isinf(got)
+    assert torch.equal(got[kept], scores[kept])
     counts = (~torch.isinf(expected)).sum(1)
     assert counts.min() >= 1
 

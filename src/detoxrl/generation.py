@@ -112,33 +112,32 @@ class SampledTokenStats:
 
 
 class NucleusFilter:
-    """Nucleus (top-p) filtering (Holtzman et al. 2020) without sorting the vocabulary.
+    """Nucleus (top-p) filtering (Holtzman et al. 2020), sorting with NumPy on the CPU.
 
     The same set as transformers' ``TopPLogitsWarper``: keep the highest-probability tokens
-    whose mass *before* them (in descending order) is below ``top_p``, at least one. That
-    warper sorts all V scores of every row at every step, which was 40% of the evaluation's
-    generation time on the CPU (a (B, 8000) sort costs ~5x a ``topk`` of 256). Here ``topk``
-    of a few hundred tokens usually holds the nucleus; a batch where some row's nucleus is
-    wider retries with 4x as many, up to the whole vocabulary, so the result never depends
-    on the first guess.
+    whose mass *before* them (in descending order) is below ``top_p``, at least one; here
+    that is every token at least as probable as the last one kept (tokens tied with it
+    exactly are all kept). Only the sorted *values* are needed, and on the CPU NumPy's
+    vectorised sort of a (400, 8000) batch takes ~1/18 of ``torch.sort``'s time (the
+    warper's sort was 40% of the evaluation's generation time); the mini LMs' nuclei are
+    too wide (median ~700 of 8000 tokens) for a ``topk`` shortcut.
     """
 
-    def __init__(self, top_p: float, first_k: int = 256):
-        self.top_p, self.first_k = top_p, first_k
+    def __init__(self, top_p: float):
+        self.top_p = top_p
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:    # scores: (B, V)
         probs = scores.float().softmax(dim=-1)
-        k = min(self.first_k, scores.shape[-1])
-        while True:
-            top_probs, top_ids = probs.topk(k, dim=-1)                    # (B, k) descending
-            mass_before = top_probs.cumsum(dim=-1) - top_probs            # (B, k)
-            if k == scores.shape[-1] or bool((mass_before[:, -1] >= self.top_p).all()):
-                break
-            k = min(4 * k, scores.shape[-1])
-        keep = mass_before < self.top_p
-        keep[:, 0] = True
-        kept_scores = scores.gather(-1, top_ids).masked_fill(~keep, float("-inf"))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, top_ids, kept_scores)
+        if probs.device.type == "cpu":
+            import numpy as np
+
+            ordered = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy())[:, ::-1]))
+        else:
+            ordered = probs.sort(dim=-1, descending=True).values        # (B, V) descending
+        mass_before = ordered.cumsum(dim=-1) - ordered                    # (B, V)
+        kept = (mass_before < self.top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+        least_kept = ordered.gather(-1, kept - 1)                         # (B, 1)
+        return scores.masked_fill(probs < least_kept, float("-inf"))
 
 
 def sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, sampling, limits: list[int],

@@ -146,6 +146,7 @@ def check_tokenizer_fits(tokenizer, model, name: str) -> None:
 def training_arguments(t: TrainingSettings, output_dir: Path, seed: int, quiet: bool,
                        seq2seq: bool = False, has_eval: bool = True):
     """``TrainingArguments`` from the config; Trainer saves nothing itself (we do, atomically)."""
+    import torch
     from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
@@ -160,7 +161,9 @@ def training_arguments(t: TrainingSettings, output_dir: Path, seed: int, quiet: 
         eval_strategy="no", report_to=[], seed=seed, data_seed=seed, bf16=t.bf16,
         disable_tqdm=quiet, log_level="error" if quiet else "passive",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        dataloader_num_workers=0, remove_unused_columns=False)
+        # Pinned memory only speeds copies to an accelerator; without one torch warns.
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False)
 
 
 @contextmanager

@@ -63,6 +63,10 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
     device = next(policy.parameters()).device
     out = Generations(list(rows["id"]), list(rows["query"]), list(rows["references"]), [], [],
                       [] if kl_temperature is not None else None, k=k)
+    # Log-probs read while sampling (at the sampling temperature) replace forward passes:
+    # the reference's own at T = 1 are the "before" perplexity, the policy's the KL's.
+    read_before = sampling.temperature == 1.0
+    read_after = kl_temperature is not None and kl_temperature == sampling.temperature
     starts = range(0, len(rows), batch_size)
     for b, start in enumerate(tqdm(starts, desc="generating", unit="batch",
                                    disable=not progress)):
@@ -73,22 +77,23 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
         torch.manual_seed(seed + b)
         with policy.reference():
             before = policy.generate(q, qm, sampling, limits, batch["query"],
-                                     num_return_sequences=k)
+                                     num_return_sequences=k, with_logprobs=read_before)
         torch.manual_seed(seed + b)
         after = policy.generate(q, qm, sampling, limits, batch["query"],
-                                num_return_sequences=k)
+                                num_return_sequences=k, with_logprobs=read_after)
         out.before += before.responses
         out.after += after.responses
         out.tokens_before += _lengths(before)
         out.tokens_after += _lengths(after)
+        ref_before = before.logprobs if read_before else reference_logprobs(policy, before, 1.0)
         ref_after = reference_logprobs(policy, after, 1.0)                     # (B, T)
-        out.ref_perplexity_before += perplexity(
-            reference_logprobs(policy, before, 1.0), before.response_mask).tolist()
+        out.ref_perplexity_before += perplexity(ref_before, before.response_mask).tolist()
         out.ref_perplexity_after += perplexity(ref_after, after.response_mask).tolist()
         if out.kl is not None:  # at T = 1 the reference pass above serves the KL too
             ref = (ref_after if kl_temperature == 1.0
                    else reference_logprobs(policy, after, kl_temperature))
-            out.kl += sequence_kl(policy, after, kl_temperature, ref).tolist()
+            out.kl += sequence_kl(policy, after, kl_temperature, ref,
+                                  after.logprobs if read_after else None).tolist()
     return out
 
 
@@ -124,13 +129,14 @@ def reference_perplexity(policy, rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequence_kl(policy, rollout, temperature: float,
-                ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_kl(policy, rollout, temperature: float, ref_logprobs: torch.Tensor | None = None,
+                logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Per response, sum over its tokens of log p_trained - log p_reference, ``(B,)`` CPU;
-    ``ref_logprobs`` (from :func:`reference_logprobs` at ``temperature``) saves that pass."""
-    logp = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                  rollout.response_mask, temperature, with_values=False,
-                  eos_blocked=rollout.eos_blocked).logprobs
+    ``ref_logprobs`` (from :func:`reference_logprobs` at ``temperature``) and ``logprobs``
+    (the trained policy's at ``temperature``, e.g. read while sampling) save those passes."""
+    logp = logprobs if logprobs is not None else policy(
+        rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
+        temperature, with_values=False, eos_blocked=rollout.eos_blocked).logprobs
     if ref_logprobs is None:
         ref_logprobs = reference_logprobs(policy, rollout, temperature)
     return ((logp - ref_logprobs) * rollout.response_mask).sum(1).float().cpu()
