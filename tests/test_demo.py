@@ -316,3 +316,24 @@ def test_figures_table_and_report(tmp_path):
     assert page.count("q0 &lt;b&gt;") == 2 and "q10" not in page  # escaped; 10 shown
     with pytest.raises(DataError, match=r"summary\.json"):
         read_summary(tmp_path / "missing")
+
+
+def test_targets_are_checked_on_the_non_toxic_rows():
+    from detoxrl.demo.summary import _row, targets
+
+    rows = [_row("profanity-check expected_max_toxicity", 0.5, 0.2, -0.4, -0.2),
+            _row("profanity-check toxicity_probability", 0.5, 0.3, -0.3, -0.1),
+            _row("reward_classifier expected_max_toxicity", 0.9, 0.8, -0.2, 0.01),
+            _row("perplexity", 100.0, 125.0, 10.0, 40.0),
+            _row("distinct_2", 0.95, 0.85, -0.12, -0.08), _row("mean_length", 20, 20)]
+    cached = [{"name": "reward", "cached": True}]
+    got = {t["target"].split()[0] + " " + t["target"].split()[1]: t["met"]
+           for t in targets(rows, cached, 2000.0)}
+    assert got == {"profanity-check expected_max_toxicity": True,
+                   "profanity-check toxicity_probability": False,   # -40% only
+                   "reward_classifier expected_max_toxicity": False,  # CI reaches 0
+                   "perplexity rises": True, "distinct_2 keeps": False,  # 0.89x
+                   "mean_length within": True}
+    fresh = targets(rows, [{"name": "reward", "cached": False}], 901.0)
+    assert fresh[-1] == {"target": "first run <= 15 minutes", "met": False}
+    assert not any(t["met"] for t in targets([], [], 0.0)[:3])  # no rows, nothing met
