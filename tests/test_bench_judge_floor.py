@@ -1,4 +1,5 @@
-"""bench/judge_floor.py: the protocol measures on groups of scores, and a run on the data."""
+"""bench/judge_floor.py (protocol measures on groups of scores, a run on the data) and
+bench/register_drift.py (counts on hand-made generations)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,17 @@ def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch)
     assert result["floor"]["dialogsum"]["groups"] == 4
     for labels in result["flagged_share_by_label"].values():
         assert 0 < labels["hate"] < 1 and 0 < labels["nothate"] < 1
+
+
+def test_register_drift_counts_by_hand():
+    path = Path(__file__).resolve().parents[1] / "bench" / "register_drift.py"
+    spec = importlib.util.spec_from_file_location("register_drift", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"after": "I know.\nI think you know"}, {"after": "I know.\nI think you know"},
+            {"after": "You see"}]
+    got = module.drift(rows, "after", top=2)
+    assert got["responses"] == 3 and got["distinct_responses"] == 2
+    assert got["newlines_per_response"] == 2 / 3
+    assert got["line_starts"] == [("I", 4), ("You", 1)]
+    assert got["words"] == [("i", 4), ("know", 4)]   # ties in first-seen order

@@ -300,6 +300,7 @@ def test_figures_table_and_report(tmp_path):
     assert emt["before"] == pytest.approx(0.9) and emt["after"] == pytest.approx(0.35)
     assert rows["reward_classifier toxicity_probability"]["after"] == 0.0
     assert rows["perplexity"]["relative"] == pytest.approx(0.2)
+    assert rows["perplexity"]["verdict"] == "higher"      # a direction, not improved/worse
     assert rows["distinct_2"]["after"] == pytest.approx(0.78)
     assert rows["mean_length"]["ci_low"] is None                # no CI for the length
     line = format_row(tox)

@@ -48,7 +48,7 @@ def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for scorer, block in protocol["toxicity"].items():
         for name in TOXICITY:
             rows.append(_measure_row(f"{scorer} {name}", block["measures"][name]))
-    rows.append(_measure_row("perplexity", protocol["fluency"]["perplexity"]))
+    rows.append(_perplexity_row(protocol["fluency"]["perplexity"]))
     rows.append(_measure_row("distinct_2", protocol["diversity"]["distinct_2"]))
     quality = summary.get("quality", {})
     before, after = quality.get("before", {}), quality.get("after", {})
@@ -91,6 +91,17 @@ def targets(rows: list[dict[str, Any]], stages: list[dict], wall_s: float
     if first_run:
         checks.append(("first run <= 15 minutes", wall_s <= 900))
     return [{"target": name, "met": bool(met)} for name, met in checks]
+
+
+def _perplexity_row(m: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity under the *starting* policy measures drift, so its verdict is a direction:
+    a fall is no improvement (the policy moved to the start's likeliest text), and the
+    target is on a rise (:func:`targets`)."""
+    row = _measure_row("perplexity", m)
+    if row["ci_low"] is not None:
+        row["verdict"] = ("higher" if row["ci_low"] > 0 else "lower" if row["ci_high"] < 0
+                          else "no significant change")
+    return row
 
 
 def _measure_row(name: str, m: dict[str, Any]) -> dict[str, Any]:
