@@ -9,9 +9,7 @@ Chromium when one is installed (``apt-get install chromium``), else that test is
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ from detoxrl.config import load_config
 from detoxrl.data import collate_queries
 from detoxrl.errors import ConfigError
 from detoxrl.evaluation.stats import IMPROVED, NO_CHANGE, WORSE
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 N, BATCH, MAX_NEW = 16, 8, 8
@@ -44,13 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

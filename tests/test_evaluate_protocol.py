@@ -9,8 +9,6 @@ equal its "before" exactly.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -21,16 +19,10 @@ from detoxrl import tiny
 from detoxrl.cli import main
 from detoxrl.config import load_config
 from detoxrl.evaluation.stats import NO_CHANGE
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 def read_jsonl(path: Path) -> list[dict]:
