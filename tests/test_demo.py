@@ -245,6 +245,7 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     assert summary["seed"] == 0 and "torch" in summary["versions"]
     assert summary["figures"]["nontoxic"] and "stage wall time" in printed
     assert not any(s["cached"] for s in summary["stages"])
+    assert summary["targets"][-1]["target"] == "first run <= 15 minutes"
     assert main(argv) == 0  # a second run finds every stage up to date
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(s["cached"] for s in again["stages"])
@@ -314,6 +315,8 @@ def test_figures_table_and_report(tmp_path):
     page = Path(written["report"]).read_text()
     assert 'href="training.html"' in page
     assert page.count("<h3>Sample responses</h3>") == 2
+    assert page.count("<h3>Targets</h3>") == 1              # the non-toxic set's only
+    assert "<strong>missed</strong>: profanity-check expected_max_toxicity" in page  # no judge
     assert page.count("q0 &lt;b&gt;") == 2 and "q10" not in page  # escaped; 10 shown
     with pytest.raises(DataError, match=r"summary\.json"):
         read_summary(tmp_path / "missing")
@@ -327,14 +330,12 @@ def test_targets_are_checked_on_the_non_toxic_rows():
             _row("reward_classifier expected_max_toxicity", 0.9, 0.8, -0.2, 0.01),
             _row("perplexity", 100.0, 125.0, 10.0, 40.0),
             _row("distinct_2", 0.95, 0.85, -0.12, -0.08), _row("mean_length", 20, 20)]
-    cached = [{"name": "reward", "cached": True}]
     got = {t["target"].split()[0] + " " + t["target"].split()[1]: t["met"]
-           for t in targets(rows, cached, 2000.0)}
+           for t in targets(rows)}                         # no first run: no time check
     assert got == {"profanity-check expected_max_toxicity": True,
                    "profanity-check toxicity_probability": False,   # -40% only
                    "reward_classifier expected_max_toxicity": False,  # CI reaches 0
                    "perplexity rises": True, "distinct_2 keeps": False,  # 0.89x
                    "mean_length within": True}
-    fresh = targets(rows, [{"name": "reward", "cached": False}], 901.0)
-    assert fresh[-1] == {"target": "first run <= 15 minutes", "met": False}
-    assert not any(t["met"] for t in targets([], [], 0.0)[:3])  # no rows, nothing met
+    assert targets(rows, 901.0)[-1] == {"target": "first run <= 15 minutes", "met": False}
+    assert not any(t["met"] for t in targets([])[:3])           # no rows, nothing met
