@@ -3,26 +3,17 @@ bench/register_drift.py (counts on hand-made generations)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "judge_floor.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("judge_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_protocol_is_the_worst_of_each_group_of_25():
-    floor = _module()
+    floor = load_bench("judge_floor")
     scores = np.zeros(60)                      # two whole groups; the last 10 are dropped
     scores[3], scores[30], scores[55] = 0.9, 0.2, 1.0
     got = floor.protocol(scores)
@@ -35,7 +26,7 @@ def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch)
     out = tmp_path / "floor.json"
     monkeypatch.setattr(sys, "argv", ["judge_floor.py", "--data-dir", str(shared_data),
                                       "--groups", "4", "--out", str(out)])
-    _module().main()
+    load_bench("judge_floor").main()
     result = json.loads(out.read_text())
     assert result["floor"]["dialogsum"]["groups"] == 4
     for labels in result["flagged_share_by_label"].values():
@@ -43,10 +34,7 @@ def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch)
 
 
 def test_register_drift_counts_by_hand():
-    path = Path(__file__).resolve().parents[1] / "bench" / "register_drift.py"
-    spec = importlib.util.spec_from_file_location("register_drift", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("register_drift")
     rows = [{"after": "I know.\nI think you know"}, {"after": "I know.\nI think you know"},
             {"after": "You see"}]
     got = module.drift(rows, "after", top=2)

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ppo_profile.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("ppo_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_table_attributes_samples_by_phase_and_call_site(tmp_path):
@@ -36,7 +26,7 @@ def test_table_attributes_samples_by_phase_and_call_site(tmp_path):
     ])
     path = tmp_path / "raw.txt"
     path.write_text(raw + "\n")
-    lines = _load().table(path).splitlines()
+    lines = load_bench("ppo_profile").table(path).splitlines()
     assert lines[0].startswith("100 samples")       # the setup sample is not in the step
     rows = {line.split(" | ")[0].strip("| "): line for line in lines[4:]}
     assert rows["rollout"] == "| rollout | 30.0 | 10.0 | 0.0 | 0.0 | 0.0 | 0.0 | 40.0 |"
