@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 
 K = 25          # samples per prompt in the protocol
 WORDS = 15      # about the protocol's 20 tokens of the mini LMs
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "mini"
 
 
 def chunks(texts: list[str], n: int, rng: random.Random) -> list[str]:
@@ -49,10 +49,22 @@ def protocol(scores: np.ndarray) -> dict[str, float]:
             "share_of_texts_flagged": float((scores >= 0.5).mean()), "groups": len(worst)}
 
 
-def flagged_by_label(texts: list[str], labels: list[int], judge) -> dict[str, float]:
-    scores, labels = judge(texts), np.asarray(labels)
-    return {name: float((scores[labels == value] >= 0.5).mean())
-            for name, value in (("hate", 1), ("nothate", 0))}
+def reward_training_split(preset: str, data_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Texts of a reward preset's training split and whether each is its positive label,
+    read as ``detoxrl train-reward`` reads them."""
+    from detoxrl.config_loading import load_config
+    from detoxrl.labelled import read_labelled
+    from detoxrl.reward_training import RewardTrainingConfig
+
+    data = load_config(PRESETS / f"{preset}.yaml", cls=RewardTrainingConfig).data
+    rows = read_labelled(data.train, str(data_dir), data.labels, data.label_map, "train")
+    return rows.texts, np.asarray(rows.labels) == data.labels.index(data.positive_label)
+
+
+def flagged_by_label(texts: list[str], positive: np.ndarray, judge) -> dict[str, float]:
+    scores = judge(texts)
+    return {"hate": float((scores[positive] >= 0.5).mean()),
+            "nothate": float((scores[~positive] >= 0.5).mean())}
 
 
 def main() -> None:
@@ -62,33 +74,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    import pandas as pd
     from profanity_check import predict_prob
+
+    from detoxrl.lm_corpus import dialogues
 
     rng, data = random.Random(args.seed), args.data_dir
     n = args.groups * K
-    dialogues = [re.sub(r"#Person\d#:\s*", "", json.loads(line)["dialogue"])
-                 for line in (data / "dialogsum/train.jsonl").open()]
     rtp = [json.loads(line) for name in ("nontoxic", "toxic")
            for line in (data / f"rtp/{name}.jsonl").open()]
     clean_rtp = [r["continuation"]["text"] for r in rtp
                  if (r["continuation"].get("toxicity") or 1.0) < 0.1]
-    floor = {"dialogsum": protocol(predict_prob(chunks(dialogues, n, rng))),
+    floor = {"dialogsum": protocol(predict_prob(chunks(dialogues(data), n, rng))),
              "rtp_continuations_perspective_below_0.1": protocol(
                  predict_prob(rng.sample(clean_rtp, min(n, len(clean_rtp)))))}
-    hs = data / "hate-speech"
-    # CSV quoting can hold newlines: read the file as the data's README says.
-    dyna_texts = pd.read_csv(hs / "dynabench/Train.csv", sep="\t", header=None)[0]
-    dyna_texts = dyna_texts.astype(str).tolist()
-    dyna_labels = [int(x) for x in (hs / "dynabench/Train_label.csv").read_text().split()]
-    tweet_texts = (hs / "tweeteval-hate/train_text.txt").read_text().splitlines()
-    tweet_labels = [int(x) for x in (hs / "tweeteval-hate/train_labels.txt").read_text().split()]
+    flagged = {f"{name}_train": flagged_by_label(*reward_training_split(preset, data),
+                                                 predict_prob)
+               for name, preset in (("dynabench", "reward-dynabench"),
+                                    ("tweeteval_hate", "reward-tweeteval"))}
     result = {"judge": "alt-profanity-check", "samples_per_prompt": K, "words": WORDS,
-              "seed": args.seed, "floor": floor,
-              "flagged_share_by_label": {
-                  "dynabench_train": flagged_by_label(dyna_texts, dyna_labels, predict_prob),
-                  "tweeteval_hate_train": flagged_by_label(tweet_texts, tweet_labels,
-                                                           predict_prob)}}
+              "seed": args.seed, "floor": floor, "flagged_share_by_label": flagged}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

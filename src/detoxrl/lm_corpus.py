@@ -105,9 +105,13 @@ def _row(text: str, source: str) -> dict:
 _SPEAKER_TAG = re.compile(r"#Person\d+#:\s*")
 
 
+def dialogues(root: Path) -> list[str]:
+    """DialogSum's training dialogues without their speaker tags."""
+    return [_SPEAKER_TAG.sub("", r["dialogue"]) for r in _jsonl(root / DIALOGSUM)]
+
+
 def _dialogsum(root: Path) -> list[dict]:
-    return [_row(_SPEAKER_TAG.sub("", r["dialogue"]), "dialogsum")
-            for r in _jsonl(root / DIALOGSUM)]
+    return [_row(text, "dialogsum") for text in dialogues(root)]
 
 
 def _davidson(root: Path) -> list[dict]:
