@@ -142,7 +142,8 @@ def format_row(row: dict[str, Any]) -> str:
     return text
 
 
-def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: float) -> str:
+def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: float,
+                   checked: list[dict[str, Any]]) -> str:
     lines = []
     for part, title in SETS:
         if part in by_set:
@@ -153,10 +154,9 @@ def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: fl
         state = "cached" if s["cached"] else "built"
         lines.append(f"  {s['name']:<15}{s['wall_s']:8.1f} s  ({state})")
     lines.append(f"  {'total (now)':<15}{wall_s:8.1f} s")
-    if "nontoxic" in by_set:
+    if checked:
         lines += ["", "targets (held-out non-toxic prompts):"]
-        lines += [f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}"
-                  for t in targets(by_set["nontoxic"], _first_run_s(stages, wall_s))]
+        lines += [f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}" for t in checked]
     return "\n".join(lines)
 
 
@@ -168,12 +168,12 @@ def write_demo_summary(run: DemoRun) -> Path:
               if s.name.startswith("eval-")}
     stages = [{"name": s.name, "key": s.key, "cached": s.cached, "wall_s": s.wall_s}
               for s in run.stages]
-    print("\n" + format_summary(by_set, stages, run.wall_s), flush=True)
+    checked = (targets(by_set["nontoxic"], _first_run_s(stages, run.wall_s))
+               if "nontoxic" in by_set else [])
+    print("\n" + format_summary(by_set, stages, run.wall_s, checked), flush=True)
     report = next((s.result.get("report") for s in run.stages if s.name == "report"), None)
     if report:
         print(f"\nreport: {report}")
-    checked = (targets(by_set["nontoxic"], _first_run_s(stages, run.wall_s))
-               if "nontoxic" in by_set else [])
     return atomic_write_json(run.root / "demo_summary.json", {
         **provenance(run.cfg), "figures": by_set, "targets": checked, "stages": stages,
         "wall_s": run.wall_s, "report": report})
