@@ -199,7 +199,7 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     through the bare base model (no padding, no adapter) as the slow reference."""
     from detoxrl.config import ModelConfig, SamplingConfig
     from detoxrl.data import collate_queries
-    from detoxrl.evaluation.sampling import perplexity, reference_perplexity
+    from detoxrl.evaluation.sampling import perplexity, reference_logprobs
     from detoxrl.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(
@@ -210,7 +210,7 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     torch.manual_seed(0)
     rollout = policy.generate(q, qm, SamplingConfig(min_length=0), [6, 3, 6],
                               with_logprobs=True)
-    got = reference_perplexity(policy, rollout)
+    got = perplexity(reference_logprobs(policy, rollout, 1.0), rollout.response_mask)
     # The evaluation's "before" side reads the same log-probs while sampling instead.
     read = perplexity(rollout.logprobs, rollout.response_mask)
     torch.testing.assert_close(read, got, rtol=1e-4, atol=0)

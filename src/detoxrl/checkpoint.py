@@ -183,7 +183,6 @@ def _file_list(folder: Path) -> dict[str, dict]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-
 def _has_trainable_head(policy) -> bool:
     head = getattr(policy, "value_head", None)
     return head is not None and any(p.requires_grad for p in head.parameters())

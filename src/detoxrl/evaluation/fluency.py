@@ -9,8 +9,9 @@ perplexity (NaN), and the per-prompt means skip it.
 
 This module serves ``--fluency-model``, any causal LM or seq2seq model. The default fluency
 model is the reference policy (the run's starting model, adapter off); it scores the very
-token ids it and the trained policy sampled (``evaluation.sampling.reference_perplexity``),
-which needs no re-tokenization: the perplexity of the generated tokens, as the KL is.
+token ids it and the trained policy sampled (``evaluation.sampling.perplexity`` of
+``reference_logprobs``, or of the log-probs read while it sampled), which needs no
+re-tokenization: the perplexity of the generated tokens, as the KL is.
 """
 
 from __future__ import annotations

@@ -122,12 +122,6 @@ def perplexity(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                        torch.full_like(count, float("nan"))).cpu()
 
 
-def reference_perplexity(policy, rollout) -> torch.Tensor:
-    """The default fluency: :func:`perplexity` of the generated tokens under the reference
-    at temperature 1, ``(B,)`` CPU."""
-    return perplexity(reference_logprobs(policy, rollout, 1.0), rollout.response_mask)
-
-
 @torch.no_grad()
 def sequence_kl(policy, rollout, temperature: float, ref_logprobs: torch.Tensor | None = None,
                 logprobs: torch.Tensor | None = None) -> torch.Tensor:

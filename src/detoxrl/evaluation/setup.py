@@ -185,7 +185,6 @@ def settings(target: Target, opts: EvalOptions, n_available: int) -> dict[str, A
     }
 
 
-
 def device_for(opts: EvalOptions) -> torch.device:
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
