@@ -356,3 +356,41 @@ def test_reward_model_loads_whole_under_zero3():
             assert hf_ds.is_deepspeed_zero3_enabled()      # only stage 3 is touched
     finally:
         hf_ds.unset_hf_deepspeed_config()
+
+
+def test_lora_targets_are_checked_without_zero_init_under_zero3(tiny_t5_path):
+    # transformers wraps from_config in deepspeed.zero.Init under ZeRO-3, which cannot
+    # partition the meta skeleton (and here, without deepspeed, cannot even be imported).
+    import transformers.integrations.deepspeed as hf_ds
+    from transformers import AutoModelForSeq2SeqLM
+
+    from detoxrl.loading import check_lora_targets, load_config
+
+    class Zero3Config:
+        def is_zero3(self):
+            return True
+
+    config, hf_config = Zero3Config(), load_config(str(tiny_t5_path))
+    hf_ds._hf_deepspeed_config_weak_ref = weakref.ref(config)
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        check_lora_targets(AutoModelForSeq2SeqLM, hf_config, ["q", "v"])
+        with pytest.raises(ConfigError, match="'qkv' not found"):
+            check_lora_targets(AutoModelForSeq2SeqLM, hf_config, ["q", "qkv"])
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
+
+
+def test_zero3_refuses_a_t5_whose_own_lm_head_was_tied(tiny_t5_path, tiny_gpt2_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)  # untied, as saved
+    for stage in (0, 2, 3):
+        run.refuse_tied_t5_head(stage, t5)
+    t5.lm_head.weight = t5.shared.weight  # what a ZeRO-3 load does to it
+    run.refuse_tied_t5_head(2, t5)
+    with pytest.raises(ConfigError, match=r"ZeRO-3.*lm_head tied.*ZeRO-2"):
+        run.refuse_tied_t5_head(3, t5)
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)  # tied by design
+    assert gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight
+    run.refuse_tied_t5_head(3, gpt2)

@@ -80,10 +80,7 @@ def check_lora_targets(auto_cls, hf_config, targets, trust_remote_code: bool = F
     """
     if not targets or isinstance(targets, str):  # a peft regex is peft's to match
         return
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        skeleton = auto_cls.from_config(hf_config, trust_remote_code=trust_remote_code)
+    skeleton = _meta_skeleton(auto_cls, hf_config, trust_remote_code)
     names = [n for n, _ in skeleton.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
@@ -92,6 +89,26 @@ def check_lora_targets(auto_cls, hf_config, targets, trust_remote_code: bool = F
         raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} not found in "
                           f"this {hf_config.model_type} model. Its linear layers are: "
                           + ", ".join(linear) + ".")
+
+
+def _meta_skeleton(auto_cls, hf_config, trust_remote_code: bool):
+    """The model built on the meta device, never through DeepSpeed's ``zero.Init``.
+
+    Under ZeRO-3 transformers wraps every ``from_config`` in ``zero.Init``, which cannot
+    partition meta tensors; its own flag for "zero.Init is already active" skips that.
+    """
+    from contextlib import ExitStack
+
+    from accelerate import init_empty_weights
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    with ExitStack() as stack:
+        if is_deepspeed_zero3_enabled():
+            from transformers.modeling_utils import set_zero3_state
+
+            stack.enter_context(set_zero3_state())
+        stack.enter_context(init_empty_weights())
+        return auto_cls.from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
 def freeze_dropout(model: torch.nn.Module) -> torch.nn.Module:

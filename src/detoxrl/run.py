@@ -87,6 +87,7 @@ def build_trainer(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: b
     resolve_tiny_names(cfg, accelerator, reward_fn)
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
     policy = _build_policy(cfg, accelerator.device, model, tokenizer, peft_config)
+    refuse_tied_t5_head(zero_stage(accelerator), policy.model)
     if accelerator.is_main_process and not quiet:
         print_parameter_report(policy)
     with _whole_weights(accelerator):  # no engine wraps a classifier: never shard it
@@ -217,6 +218,32 @@ def _whole_weights(accelerator):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def refuse_tied_t5_head(stage: int, model) -> None:
+    """Refuse a T5 v1.1 / FLAN-T5 whose separate ``lm_head`` was tied to the embeddings.
+
+    transformers 5 marks every T5 config tied and keeps a checkpoint's own ``lm_head`` only
+    where it can compare the two matrices at load; under ZeRO-3 they are partitioned, it
+    cannot, and the model would train and sample with its embeddings as output layer.
+    ``scale_decoder_outputs`` False is how the config records an untied checkpoint.
+    """
+    config = model.config
+    if stage != 3 or getattr(config, "scale_decoder_outputs", True) is not False:
+        return
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        raise ConfigError(f"Under DeepSpeed ZeRO-3, transformers {_version('transformers')} "
+                          f"loads this {config.model_type} checkpoint with its lm_head tied "
+                          "to the embeddings (its own lm_head is dropped). Train it with DDP "
+                          "(configs/accelerate/ddp-multi-gpu.yaml) or ZeRO-2 "
+                          "(configs/accelerate/deepspeed-zero2.yaml) instead; every FLAN-T5 "
+                          "size fits on one 40 GB GPU in bf16.")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def _gathered_trainable(accelerator, policy):
