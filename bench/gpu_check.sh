@@ -68,6 +68,12 @@ for p in ("transformers", "peft", "accelerate", "datasets", "deepspeed", "scikit
         print(p, md.version(p))
     except md.PackageNotFoundError:
         print(p, "missing")
+for m in ("detoxrl.run", "detoxrl.evaluation.runner", "profanity_check", "deepspeed"):
+    try:
+        __import__(m)
+        print("import", m, "ok")
+    except Exception as exc:  # the log says what is missing before the stages fail on it
+        print("import", m, "FAILED:", type(exc).__name__, exc)
 EOF
 } >"$RES/env.txt" 2>&1
 cat "$RES/env.txt" >>"$LOG"
@@ -76,7 +82,7 @@ if [[ $DRY == 1 ]]; then SHAPES="tiny"; DEMO=(--quick); else SHAPES="flan-t5-bas
 
 # ---------------------------------------------------------------- 1-2. step benchmark, profile
 for shape in $SHAPES; do
-    stage "ppo_step-$shape" 170 python3 bench/ppo_step.py --shape "$shape" --steps 2 \
+    stage "ppo_step-$shape" 200 python3 bench/ppo_step.py --shape "$shape" --steps 3 \
         --warmup short --batch 16 --new-tokens 64 --data "$DATA/dialogsum/train.jsonl" --out "$RES"
 done
 for shape in $SHAPES; do
