@@ -394,3 +394,19 @@ def test_zero3_refuses_a_t5_whose_own_lm_head_was_tied(tiny_t5_path, tiny_gpt2_p
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)  # tied by design
     assert gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight
     run.refuse_tied_t5_head(3, gpt2)
+
+
+def test_a_run_after_a_trainer_in_the_same_process_gets_its_own_precision(monkeypatch):
+    # On a GPU the demo trains the reward and the LM with Trainer (fp32) and then RL in
+    # bf16, in one process: accelerate refused the second precision.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    Accelerator(mixed_precision="no")
+    monkeypatch.setattr(run, "_mixed_precision", lambda cfg: "bf16")  # what a GPU resolves
+    try:
+        acc = run.make_accelerator(TrainConfig(save_every=0))
+        assert acc.mixed_precision == "bf16"
+        assert run.make_accelerator(TrainConfig(save_every=0)).mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state()

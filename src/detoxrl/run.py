@@ -58,12 +58,31 @@ def make_accelerator(cfg: TrainConfig, resume: bool = False):
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.log_with or None,
+    mixed_precision = _mixed_precision(cfg)
+    _forget_other_precision(mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=cfg.log_with or None,
                               project_dir=cfg.output_dir)
     _check_launch(accelerator)
     cfg.finalize(accelerator.num_processes, accelerator.device.type)
     _setup_deepspeed(cfg, accelerator, resume)
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Drop an accelerator state that fixed another mixed precision in this process.
+
+    accelerate keeps one state per process and refuses to change its precision. A
+    ``Trainer`` run earlier in the process (the demo trains the reward and the LM in fp32
+    before RL in bf16 on a GPU) leaves one; transformers' ``TrainingArguments`` drops it
+    the same way before each ``Trainer``. The process group (``PartialState``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if (state and state.get("_mixed_precision") != mixed_precision
+            and state.get("distributed_type") != DistributedType.DEEPSPEED):
+        AcceleratorState._reset_state()
 
 
 def build_trainer(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: bool = True, *,
