@@ -6,6 +6,9 @@ resolves to a locally built tiny model. ``trust_remote_code`` stays off unless a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 
 from . import tiny
@@ -118,3 +121,33 @@ def freeze_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """
     model.eval()
     return model
+
+
+_ADAPTER_HINT = ("pass a folder written by save_pretrained (adapter_config.json + "
+                 "adapter_model.safetensors) or a Hub id of the form owner/name.")
+
+
+def resolve_adapter(path: str) -> str:
+    """``path`` if it may be an adapter; a local-looking path that is missing is an error."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if Path(path).exists() or not looks_local:
+        return path
+    raise ConfigError(f"LoRA adapter {path!r} not found: {_ADAPTER_HINT}")
+
+
+@contextmanager
+def adapter_errors(path: str):
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the LoRA adapter {path!r}: {_ADAPTER_HINT} If "
+                             "it is a Hub id, the Hub may be unreachable; download it and pass "
+                             f"the folder. ({type(exc).__name__}: {exc})") from None
+
+
+def ensure_pad_token(tokenizer, model) -> None:
+    """GPT-2-style tokenizers have no pad token; EOS serves, since padding is masked out."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id

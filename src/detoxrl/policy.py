@@ -25,9 +25,18 @@ from torch import Tensor, nn
 from . import rl_math
 from .batch import Rollout
 from .config import LoraSettings, ModelConfig, SamplingConfig
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
 from .generation import SampledTokenStats, response_mask, sample
-from .loading import freeze_dropout, load_config, load_pretrained, load_tokenizer, resolve_dtype
+from .loading import (
+    adapter_errors,
+    ensure_pad_token,
+    freeze_dropout,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    resolve_adapter,
+    resolve_dtype,
+)
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "gpt2": ["c_attn"],
@@ -102,7 +111,7 @@ class Policy(nn.Module):
 
         config = base.config
         if tokenizer is not None:  # a bare network (parameter counts) needs none
-            _ensure_pad_token(tokenizer, base)
+            ensure_pad_token(tokenizer, base)
         start = trained_adapter or adapter
         if start is None:
             # ``lora``: our settings, or a ready ``peft.LoraConfig`` used as it is.
@@ -110,12 +119,12 @@ class Policy(nn.Module):
                 config.model_type, config.is_encoder_decoder, lora or LoraSettings())
             model = get_peft_model(base, peft_config)
         else:
-            with _adapter_errors(start):
-                model = PeftModel.from_pretrained(base, _resolve_adapter(start),
+            with adapter_errors(start):
+                model = PeftModel.from_pretrained(base, resolve_adapter(start),
                                                   is_trainable=trainable)
         if adapter is not None:
-            with _adapter_errors(adapter):
-                model.load_adapter(_resolve_adapter(adapter), adapter_name="reference",
+            with adapter_errors(adapter):
+                model.load_adapter(resolve_adapter(adapter), adapter_name="reference",
                                    is_trainable=False)
             model.set_adapter("default")
         if not trainable:
@@ -135,7 +144,7 @@ class Policy(nn.Module):
         device = torch.device(device)
         for path in (cfg.adapter, trained_adapter):  # fail before loading the base weights
             if path is not None:
-                _resolve_adapter(path)
+                resolve_adapter(path)
         hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
         auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
@@ -147,7 +156,7 @@ class Policy(nn.Module):
         base = load_pretrained(auto_cls, cfg.name_or_path, dtype=dtype, revision=cfg.revision,
                                trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
-        _ensure_pad_token(tokenizer, base)
+        ensure_pad_token(tokenizer, base)
         policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable,
                                 value_head)
         if cfg.gradient_checkpointing and trainable:
@@ -387,33 +396,3 @@ def _lora_targets(hf_config, lora):
         return lora.target_modules
     return default_lora(hf_config.model_type, hf_config.is_encoder_decoder,
                         lora or LoraSettings()).target_modules
-
-
-_ADAPTER_HINT = ("pass a folder written by save_pretrained (adapter_config.json + "
-                 "adapter_model.safetensors) or a Hub id of the form owner/name.")
-
-
-def _resolve_adapter(path: str) -> str:
-    """``path`` if it may be an adapter; a local-looking path that is missing is an error."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if Path(path).exists() or not looks_local:
-        return path
-    raise ConfigError(f"LoRA adapter {path!r} not found: {_ADAPTER_HINT}")
-
-
-@contextmanager
-def _adapter_errors(path: str):
-    try:
-        yield
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load the LoRA adapter {path!r}: {_ADAPTER_HINT} If "
-                             "it is a Hub id, the Hub may be unreachable; download it and pass "
-                             f"the folder. ({type(exc).__name__}: {exc})") from None
-
-
-def _ensure_pad_token(tokenizer, model) -> None:
-    """GPT-2-style tokenizers have no pad token; EOS serves, since padding is masked out."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
