@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Is a response about its prompt? Prompt-response PMI under the starting policy.
+
+The off-topic check for reward hacking: a policy can lower a toxicity classifier's score
+with generic lines that ignore the prompt, which neither the length, distinct-n nor the
+perplexity catches (a generic line is *likely*). For each response of ``generations.jsonl``
+(``detoxrl evaluate``; before = the starting policy, after = RL), under a model that never
+saw RL (the demo's starting policy):
+
+    PMI = (log p(response | prompt) - log p(response | nothing)) / n_tokens     (nats/token)
+
+that is, log perplexity without the prompt minus log perplexity with it (Church & Hanks
+1990's pointwise mutual information, per token; ``evaluation.fluency.perplexities``, where
+"nothing" is one start token). Near 0: the prompt does not help predict the response.
+Reported per prompt (mean over its samples), before and after, with the paired bootstrap CI
+of the change that the evaluation uses.
+
+    python bench/topicality.py runs/demo/4-eval-nontoxic/generations.jsonl \\
+        --model runs/demo/2-policy --out bench/results/topicality-causal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detoxrl.evaluation.fluency import load_fluency_model, perplexities
+from detoxrl.evaluation.stats import paired_bootstrap, verdict
+
+
+def pmi(fm, prompts: list[str], responses: list[str], batch_size: int = 64) -> np.ndarray:
+    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one."""
+    with_prompt = perplexities(fm, prompts, responses, batch_size)
+    without = perplexities(fm, [""] * len(responses), responses, batch_size)
+    return np.log(without) - np.log(with_prompt)
+
+
+def per_prompt(rows: list[dict], values: np.ndarray) -> np.ndarray:
+    """Mean over each prompt's samples, in the order prompts first appear."""
+    groups: dict[str, list[float]] = {}
+    for row, v in zip(rows, values, strict=True):
+        groups.setdefault(row["id"], []).append(v)
+    return np.array([np.nanmean(g) for g in groups.values()])
+
+
+def topicality(rows: list[dict], fm) -> dict:
+    prompts = [r["query"] for r in rows]
+    sides = {side: pmi(fm, prompts, [r[side] for r in rows]) for side in ("before", "after")}
+    before, after = (per_prompt(rows, sides[s]) for s in ("before", "after"))
+    boot = paired_bootstrap(before, after)
+    return {"measure": "prompt-response PMI, nats per token, mean over each prompt's samples",
+            "responses": len(rows), "prompts": len(before),
+            "before": boot["before"], "after": boot["after"], "change": boot["observed"],
+            "ci95": [boot["ci_low"], boot["ci_high"]],
+            "verdict": verdict(boot["ci_low"], boot["ci_high"], lower_is_better=False),
+            "share_of_responses_with_pmi_above_0": {
+                s: float(np.nanmean(v > 0)) for s, v in sides.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("generations", type=Path, help="generations.jsonl of detoxrl evaluate")
+    p.add_argument("--model", required=True, help="the starting policy (folder or Hub id)")
+    p.add_argument("--limit", type=int, default=None, help="first N responses only")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    with args.generations.open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()][:args.limit]
+    result = {"generations": str(args.generations), "model": args.model,
+              **topicality(rows, load_fluency_model(args.model, torch.device("cpu")))}
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
