@@ -286,7 +286,7 @@ def test_resume_with_another_world_size_is_refused(runs):
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
-# DeepSpeed is not installed here (and needs GPUs): these check detoxrl's side with fakes.
+# detoxrl's side of DeepSpeed with fakes; tests/test_deepspeed.py launches the real thing.
 
 def _fake_accelerator(stage: int | None, **ds_config):
     plugin = None if stage is None else SimpleNamespace(
@@ -360,7 +360,7 @@ def test_reward_model_loads_whole_under_zero3():
 
 def test_lora_targets_are_checked_without_zero_init_under_zero3(tiny_t5_path):
     # transformers wraps from_config in deepspeed.zero.Init under ZeRO-3, which cannot
-    # partition the meta skeleton (and here, without deepspeed, cannot even be imported).
+    # partition the meta skeleton (and without deepspeed installed cannot even be imported).
     import transformers.integrations.deepspeed as hf_ds
     from transformers import AutoModelForSeq2SeqLM
 
