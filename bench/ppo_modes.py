@@ -70,6 +70,8 @@ def step(index: int, warmup: bool) -> dict:
     _sync()
     out["total"] = time.perf_counter() - t0
     out["cpu"]["total"] = time.process_time() - c0
+    if torch.cuda.is_available():  # also here: a run stopped before ``finish`` keeps it
+        out["cuda_peak_mib_so_far"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 

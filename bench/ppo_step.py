@@ -27,6 +27,7 @@ if str(BENCH) not in sys.path:  # worker processes import ppo_modes by name
     sys.path.insert(0, str(BENCH))
 
 import ppo_modes  # noqa: E402
+from detoxrl.io import atomic_write_json  # noqa: E402
 from ppo_models import SHAPES, data_file, load_prompts, prepare_shape  # noqa: E402
 from ppo_report import summarize, write_outputs  # noqa: E402
 
@@ -101,8 +102,12 @@ def make_spec(args: argparse.Namespace, shape, prompts: dict) -> dict:
             "warmup_tokens": min(4, args.new_tokens) if short else args.new_tokens}
 
 
-def run_modes(spec: dict, steps: int, warmup: str) -> dict:
-    """Set every mode up (in parallel), then alternate their steps; returns raw results."""
+def run_modes(spec: dict, steps: int, warmup: str, partial: Path | None = None) -> dict:
+    """Set every mode up (in parallel), then alternate their steps; returns raw results.
+
+    After each step the raw results so far go to ``partial`` (if given), so that a run
+    stopped by a time limit or a crash still leaves its measured steps.
+    """
     ctx = mp.get_context("spawn")
     pools = {m: ProcessPoolExecutor(max_workers=1, mp_context=ctx) for m in MODES}
     raw: dict = {m: {"warmup": [], "steps": []} for m in MODES}
@@ -116,6 +121,8 @@ def run_modes(spec: dict, steps: int, warmup: str) -> dict:
             for m in MODES if k % 2 == 0 else MODES[::-1]:
                 result = pools[m].submit(ppo_modes.step, index, is_warmup).result()
                 raw[m]["warmup" if is_warmup else "steps"].append(result)
+                if partial is not None:
+                    atomic_write_json(partial, raw)
                 _log(f"{m}: {'warm-up' if is_warmup else f'step {index + 1}/{steps}'} "
                      f"{result['total']:.2f} s")
         for m in MODES:
@@ -140,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_threshold_mib * 2**20)
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(2 * args.malloc_threshold_mib * 2**20)
     load_before = os.getloadavg()
-    raw = run_modes(spec, args.steps, args.warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"ppo_step-{args.shape}-partial.json"
+    raw = run_modes(spec, args.steps, args.warmup, partial)
     report = summarize(args, spec, raw, data_source, load_before,
                        time.perf_counter() - started)
     json_path, md_path, markdown = write_outputs(report, args.out)
+    partial.unlink(missing_ok=True)
     print(markdown)
     _log(f"wrote {json_path} and {md_path}")
     return 0

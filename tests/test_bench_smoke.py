@@ -24,6 +24,7 @@ def test_ppo_step_bench_runs_on_tiny(tmp_path):
     [json_path] = out.glob("ppo_step-tiny-*-ga2-gc.json")
     report = json.loads(json_path.read_text())
     assert json_path.with_suffix(".md").is_file()
+    assert not list(out.glob("*partial*"))  # the steps-so-far file goes once the report is in
     modes = report["modes"]
     assert set(modes) == {"detoxrl", "tutorial", "floor"}
     for name in ("detoxrl", "tutorial", "floor"):
