@@ -38,6 +38,8 @@ def test_zero2_and_zero3_train_the_same_steps(tmp_path):
     for stage, out in runs.items():
         result = launch(stage, "tiny:gpt2", out)
         assert result.returncode == 0, result.stderr[-3000:]
+        # ZeRO-3 hooks the backward of a module's output tensors only if it can find them
+        assert "unknown inputs or outputs type" not in result.stdout + result.stderr
     metrics = {s: [json.loads(line) for line in (out / "metrics.jsonl").open()]
                for s, out in runs.items()}
     assert [m["step"] for m in metrics[3]] == [1, 2]

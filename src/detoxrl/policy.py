@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,8 +58,9 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
 
 
-@dataclass
-class PolicyOutput:
+class PolicyOutput(NamedTuple):
+    """A tuple, so that DeepSpeed ZeRO-3 sees its tensors and hooks their backward."""
+
     logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
     values: Tensor | None         # (B, T) value before each response token
     entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
