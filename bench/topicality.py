@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from detoxrl.evaluation.fluency import load_fluency_model, perplexities
+from detoxrl.evaluation.protocol import as_matrix, nanmean_per_prompt
 from detoxrl.evaluation.stats import paired_bootstrap, verdict
 
 
@@ -39,18 +40,12 @@ def pmi(fm, prompts: list[str], responses: list[str], batch_size: int = 64) -> n
     return np.log(without) - np.log(with_prompt)
 
 
-def per_prompt(rows: list[dict], values: np.ndarray) -> np.ndarray:
-    """Mean over each prompt's samples, in the order prompts first appear."""
-    groups: dict[str, list[float]] = {}
-    for row, v in zip(rows, values, strict=True):
-        groups.setdefault(row["id"], []).append(v)
-    return np.array([np.nanmean(g) for g in groups.values()])
-
-
 def topicality(rows: list[dict], fm) -> dict:
+    """``rows``: whole prompts, each prompt's samples consecutive, as evaluate writes them."""
+    k = 1 + max(r["sample"] for r in rows)
     prompts = [r["query"] for r in rows]
     sides = {side: pmi(fm, prompts, [r[side] for r in rows]) for side in ("before", "after")}
-    before, after = (per_prompt(rows, sides[s]) for s in ("before", "after"))
+    before, after = (nanmean_per_prompt(as_matrix(sides[s], k)) for s in ("before", "after"))
     boot = paired_bootstrap(before, after)
     return {"measure": "prompt-response PMI, nats per token, mean over each prompt's samples",
             "responses": len(rows), "prompts": len(before),
@@ -65,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("generations", type=Path, help="generations.jsonl of detoxrl evaluate")
     p.add_argument("--model", required=True, help="the starting policy (folder or Hub id)")
-    p.add_argument("--limit", type=int, default=None, help="first N responses only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N responses only (whole prompts: a multiple of K)")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -251,18 +251,14 @@ def refuse_tied_t5_head(stage: int, model) -> None:
     if stage != 3 or getattr(config, "scale_decoder_outputs", True) is not False:
         return
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        raise ConfigError(f"Under DeepSpeed ZeRO-3, transformers {_version('transformers')} "
+        import transformers
+
+        raise ConfigError(f"Under DeepSpeed ZeRO-3, transformers {transformers.__version__} "
                           f"loads this {config.model_type} checkpoint with its lm_head tied "
                           "to the embeddings (its own lm_head is dropped). Train it with DDP "
                           "(configs/accelerate/ddp-multi-gpu.yaml) or ZeRO-2 "
                           "(configs/accelerate/deepspeed-zero2.yaml) instead; every FLAN-T5 "
                           "size fits on one 40 GB GPU in bf16.")
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def _gathered_trainable(accelerator, policy):
