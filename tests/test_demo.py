@@ -173,6 +173,9 @@ def test_rl_stage_chains_the_earlier_stage_folders(tmp_path):
     assert gen["min_length"] == gen["min_new_tokens_draw"] == gen["max_new_tokens_draw"]
     with pytest.raises(ConfigError, match="multiple"):
         rl_stage(cfg, paths, ["--ppo.batch_size", "10"], {}, quiet=True)
+    # A stage's own seed (--rl.seed) overrides the demo's --seed, for seed-to-seed spread.
+    reseeded = DemoConfig(seed=3, rl_overrides=["--seed", "7"]).finalize()
+    assert rl_stage(reseeded, paths, [], {}, quiet=True).inputs["config"]["seed"] == 7
 
 
 def test_output_dir_must_be_empty_or_a_demo(tmp_path):

@@ -76,8 +76,10 @@ def _strings(obj: Any) -> list[str]:
 
 def _supervised_config(name: str, cls: type, overrides: list[str], paths: _Paths,
                        stage: str, seed: int):
-    return load_config(preset(name), [*overrides, "--data_dir", str(paths.data),
-                                      "--seed", str(seed), "--output_dir",
+    # The demo's seed goes first so that a stage's own --STAGE.seed wins; the paths go last
+    # because the demo wires its stages together through them.
+    return load_config(preset(name), ["--seed", str(seed), *overrides, "--data_dir",
+                                      str(paths.data), "--output_dir",
                                       str(paths.folder(stage))], cls=cls)
 
 
@@ -119,11 +121,11 @@ def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[st
     """PPO with a fresh LoRA on the stage-2 LM, rewarded by the stage-1 classifier's
     ``nothate``, on the stage-0 prompts."""
     tcfg = load_config(preset(f"detox-{cfg.arch}"), [
-        *quick, *cfg.rl_overrides,
+        *quick, "--seed", str(cfg.seed), *cfg.rl_overrides,
         "--model.name_or_path", str(paths.folder("policy")),
         "--reward.model", str(paths.folder("reward")),
         "--data.path", str(paths.folder("data") / prompts.TRAIN_FILE),
-        "--seed", str(cfg.seed), "--output_dir", str(paths.folder("rl"))])
+        "--output_dir", str(paths.folder("rl"))])
     copy.deepcopy(tcfg).finalize()  # batch arithmetic checked now, before any stage runs
     config = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
     inputs = {"config": paths.portable(config), "upstream": upstream}
