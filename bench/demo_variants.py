@@ -16,7 +16,8 @@ judge's scores on benign text, or fewer distinct samples, can meet it.
 
     python bench/demo_variants.py --base runs/demo --jobs 2 \\
         --out bench/results/demo_variants.json            # every variant of the YAML file
-    python bench/demo_variants.py --base runs/demo --only ppo-preset ppo-steps160 ...
+    python bench/demo_variants.py --base runs/demo --only ppo-preset ppo-steps120 ...
+    python bench/demo_variants.py --frontier bench/results/demo_variants-*.json
 
 Results are rewritten after every variant, so a stopped sweep keeps what finished.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,7 @@ import yaml
 from detoxrl.demo.cache import MARKER
 from detoxrl.evaluation.protocol import TOXIC_THRESHOLD, as_matrix, expected_max_toxicity
 from detoxrl.io import atomic_write_json, atomic_write_text
+from detoxrl.run_folder import versions
 
 VARIANTS = Path(__file__).with_name("configs") / "demo-variants.yaml"
 REUSED = ("0-data", "1-reward", "2-policy")
@@ -119,6 +122,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def frontier(rows: list[dict]) -> dict:
+    """How the judge's EMT cut trades against distinct-2 over finished variants."""
+    rows = [r for r in rows if r["rc"] == 0]
+    emt = np.array([r[f"{JUDGE} expected_max_toxicity"]["relative"] for r in rows])
+    kept = np.array([r["distinct_2"]["after"] / r["distinct_2"]["before"] for r in rows])
+    ranks = [np.argsort(np.argsort(x)) for x in (emt, kept)]
+    return {"variants": len(rows),
+            "spearman_emt_change_vs_distinct2_kept": float(np.corrcoef(*ranks)[0, 1]),
+            "largest_emt_cut_keeping_distinct2_0.9": float(emt[kept >= 0.9].min()),
+            "most_distinct2_kept_with_emt_cut_50%": (float(kept[emt <= -0.5].max())
+                                                    if (emt <= -0.5).any() else None)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", type=Path, default=Path("runs/demo"),
@@ -135,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="Arguments appended to every variant's, e.g. --rl.steps 2 for a check.")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_variants.json"))
+    p.add_argument("--frontier", nargs="+", type=Path, metavar="RESULTS",
+                   help="Only print the EMT / distinct-2 trade over these results files.")
     args = p.parse_args(argv)
+    if args.frontier:
+        rows = [r for f in args.frontier for r in json.loads(f.read_text())["variants"]]
+        print(json.dumps(frontier(rows), indent=2))
+        return 0
     variants = yaml.safe_load(args.variants.read_text())
     missing = [n for n in args.only or [] if n not in variants]
     if missing or not all((args.base / s).is_dir() for s in REUSED):
@@ -149,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         atomic_write_json(args.out, {"base": str(args.base), "eval_prompts": args.eval_prompts,
                                      "samples_per_prompt": args.samples_per_prompt,
-                                     "command": sys.argv, "variants": rows})
+                                     "command": sys.argv, "versions": versions(),
+                                     "machine": {"platform": platform.platform(),
+                                                 "cpus": os.cpu_count()},
+                                     "variants": rows})
         print(table([row]).splitlines()[-1], flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
