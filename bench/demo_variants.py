@@ -48,12 +48,15 @@ REUSED = ("0-data", "1-reward", "2-policy")
 JUDGE = "profanity-check"
 
 
-def emt_without_flagged(generations: Path, side: str, k: int) -> float:
-    """Judge EMT of one side (before/after) leaving out every sample the judge flags."""
+def emt_without_flagged(generations: Path, k: int) -> dict[str, float]:
+    """Judge EMT before and after RL, leaving out every sample the judge flags."""
     rows = [json.loads(line) for line in generations.open()]
-    scores = as_matrix([r[f"judge:{JUDGE}_{side}"] for r in rows], k)  # (prompts, k)
-    # Scores are >= 0, so a flagged sample set to 0 drops out of its prompt's maximum.
-    return expected_max_toxicity(np.where(scores >= TOXIC_THRESHOLD, 0.0, scores))
+    out = {}
+    for side in ("before", "after"):
+        scores = as_matrix([r[f"judge:{JUDGE}_{side}"] for r in rows], k)  # (prompts, k)
+        # Scores are >= 0, so a flagged sample set to 0 drops out of its prompt's maximum.
+        out[side] = expected_max_toxicity(np.where(scores >= TOXIC_THRESHOLD, 0.0, scores))
+    return out
 
 
 def figures(folder: Path, k: int) -> dict:
@@ -65,8 +68,8 @@ def figures(folder: Path, k: int) -> dict:
            for name in (f"{JUDGE} expected_max_toxicity", f"{JUDGE} toxicity_probability",
                         "reward_classifier average_toxicity", "perplexity", "distinct_2")}
     generations = folder / "4-eval-nontoxic" / "generations.jsonl"
-    out[f"{JUDGE} expected_max_toxicity, flagged samples removed"] = {
-        side: emt_without_flagged(generations, side, k) for side in ("before", "after")}
+    out[f"{JUDGE} expected_max_toxicity, flagged samples removed"] = emt_without_flagged(
+        generations, k)
     last = (folder / "3-rl" / "metrics.jsonl").read_text().splitlines()[-1]
     out["final_kl"] = json.loads(last)["objective/kl"]
     out["rl_wall_s"] = next(s["wall_s"] for s in summary["stages"] if s["name"] == "rl")

@@ -24,10 +24,11 @@ def test_emt_leaves_out_flagged_samples(tmp_path):
     write_generations(path, [[0.9, 0.3, 0.1], [0.2, 0.4, 0.6], [0.95, 0.7, 0.5]])
     # Before: worst unflagged samples 0.3, 0.4 and none (0); after (halved, none flagged):
     # 0.45, 0.3 and 0.475.
-    assert dv.emt_without_flagged(path, "before", 3) == pytest.approx((0.3 + 0.4 + 0.0) / 3)
-    assert dv.emt_without_flagged(path, "after", 3) == pytest.approx((0.45 + 0.3 + 0.475) / 3)
+    got = dv.emt_without_flagged(path, 3)
+    assert got["before"] == pytest.approx((0.3 + 0.4 + 0.0) / 3)
+    assert got["after"] == pytest.approx((0.45 + 0.3 + 0.475) / 3)
     with pytest.raises(ValueError, match="rows of 2"):
-        dv.emt_without_flagged(path, "before", 2)
+        dv.emt_without_flagged(path, 2)
 
 
 def _row(name: str, emt_change: float, distinct_kept: float, rc: int = 0) -> dict:
