@@ -32,9 +32,9 @@ from pathlib import Path
 
 from detoxrl.config import load_config, to_dict
 from detoxrl.errors import ConfigError
-from detoxrl.io import atomic_write_json, atomic_write_text
-from detoxrl.run import train
-from detoxrl.run_folder import run_info
+from detoxrl.rl.detox_trainer import train
+from detoxrl.runs.io import atomic_write_json, atomic_write_text
+from detoxrl.runs.run_folder import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_OPTIONS = {"algorithm", "num_generations", "batch_size", "beta", "loss_type",

@@ -40,8 +40,8 @@ import yaml
 
 from detoxrl.demo.cache import MARKER
 from detoxrl.evaluation.protocol import TOXIC_THRESHOLD, as_matrix, expected_max_toxicity
-from detoxrl.io import atomic_write_json, atomic_write_text
-from detoxrl.run_folder import versions
+from detoxrl.runs.io import atomic_write_json, atomic_write_text
+from detoxrl.runs.run_folder import versions
 
 VARIANTS = Path(__file__).with_name("configs") / "demo-variants.yaml"
 REUSED = ("0-data", "1-reward", "2-policy")

@@ -60,9 +60,9 @@ def protocol(scores: np.ndarray) -> dict[str, float]:
 def reward_training_split(preset: str, data_dir: Path) -> tuple[list[str], np.ndarray]:
     """Texts of a reward preset's training split and whether each is its positive label,
     read as ``detoxrl train-reward`` reads them."""
-    from detoxrl.config_loading import load_config
-    from detoxrl.labelled import read_labelled
-    from detoxrl.reward_training import RewardTrainingConfig
+    from detoxrl.config.loading import load_config
+    from detoxrl.data.labelled import read_labelled
+    from detoxrl.supervised.reward_training import RewardTrainingConfig
 
     data = load_config(PRESETS / f"{preset}.yaml", cls=RewardTrainingConfig).data
     rows = read_labelled(data.train, str(data_dir), data.labels, data.label_map, "train")
@@ -84,7 +84,7 @@ def main() -> None:
     args = p.parse_args()
     from profanity_check import predict_prob
 
-    from detoxrl.lm_corpus import dialogues
+    from detoxrl.data.lm_corpus import dialogues
 
     rng, data = random.Random(args.seed), args.data_dir
     n = args.groups * K

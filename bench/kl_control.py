@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from detoxrl.config import load_config
-from detoxrl.io import atomic_write_json, atomic_write_text
-from detoxrl.run import run_info, train
+from detoxrl.rl.detox_trainer import train
+from detoxrl.runs.io import atomic_write_json, atomic_write_text
+from detoxrl.runs.run_folder import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

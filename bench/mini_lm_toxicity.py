@@ -27,7 +27,7 @@ import torch
 
 
 def held_out_prompts(data_dir: Path, limit: int | None = None) -> list[str]:
-    from detoxrl.data import is_held_out
+    from detoxrl.data.prompts import is_held_out
 
     prompts = []
     with (data_dir / "rtp" / "nontoxic.jsonl").open() as fh:
@@ -41,8 +41,8 @@ def held_out_prompts(data_dir: Path, limit: int | None = None) -> list[str]:
 def sample_continuations(model_dir: str, prompts: list[str], k: int, top_p: float,
                          new_tokens: int, batch_prompts: int, seed: int) -> list[list[str]]:
     from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
-    from detoxrl.data import collate_queries
-    from detoxrl.policy import Policy
+    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.policy import Policy
 
     # A fresh LoRA adapter starts at zero: the policy computes exactly the base model.
     policy = Policy.from_pretrained(ModelConfig(name_or_path=model_dir), LoraSettings(r=1),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                      zip(prompts[:5], samples[:5], strict=True)]}
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     if args.out:
-        from detoxrl.io import atomic_write_json
+        from detoxrl.runs.io import atomic_write_json
 
         atomic_write_json(args.out, result)
     return 0

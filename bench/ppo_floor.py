@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ppo_modes import Phases, default_device, load_lm, param_counts, sampling_kwargs
+from ppo_phases import Phases, default_device, load_lm, param_counts, sampling_kwargs
 
 
 class FloorRunner:
@@ -53,7 +53,7 @@ class FloorRunner:
         return counts
 
     def step(self, prompts: dict, new_tokens: int, seed: int) -> dict:
-        from detoxrl.data import collate_queries
+        from detoxrl.data.prompts import collate_queries
 
         ids, mask = collate_queries(prompts["input_ids"], self.tokenizer.pad_token_id,
                                     self.side)

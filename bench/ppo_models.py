@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from detoxrl import tiny
+from detoxrl.models import tiny
 
 SHAPES = ("tiny", "flan-t5-base", "gpt2")
 CACHE_VERSION = "v1"
@@ -149,8 +149,8 @@ def data_file(path: Path | None) -> tuple[Path, str]:
 def load_prompts(shape: Shape, data_path: Path, n: int, max_tokens: int) -> dict:
     """The first ``n`` tutorial prompts (filter + template), tokenized and truncated."""
     from detoxrl.config import DataConfig
-    from detoxrl.data import build_prompts
-    from detoxrl.loading import load_tokenizer
+    from detoxrl.data.prompts import build_prompts
+    from detoxrl.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(shape.policy)
     cfg = DataConfig(path=str(data_path), max_prompt_tokens=max_tokens, test_fraction=0.0,

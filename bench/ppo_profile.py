@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PHASES = {"PPOTrainer.rollout": "rollout", "PPOTrainer.score": "score",
-          "PPOTrainer.forward_old_and_ref": "forward", "PPOTrainer.ppo_epochs": "optimize"}
+PHASES = {"Learner.rollout": "rollout", "Learner.score": "score",
+          "Learner.forward_old_and_ref": "forward", "Learner.ppo_epochs": "optimize"}
 PARTS = ("encoder", "decoder / body", "lm_head", "backward", "classifier", "other")
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 

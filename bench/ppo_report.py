@@ -10,7 +10,7 @@ from pathlib import Path
 from statistics import median
 
 PHASES = ("rollout", "score", "forward", "optimize")
-LABELS = {"detoxrl": "detoxrl (PPOTrainer.step)", "tutorial": "tutorial-style",
+LABELS = {"detoxrl": "detoxrl (Learner.step)", "tutorial": "tutorial-style",
           "floor": "floor (bare transformers/peft)"}
 
 
@@ -163,7 +163,7 @@ def _git_revision() -> str | None:
 # --------------------------------------------------------------------------- output
 
 def write_outputs(report: dict, out_dir: Path) -> tuple[Path, Path, str]:
-    from detoxrl.io import atomic_write_json, atomic_write_text
+    from detoxrl.runs.io import atomic_write_json, atomic_write_text
 
     c = report["config"]
     suffix = "".join([f"-t{c['threads']}" if c["threads"] else "",

@@ -27,7 +27,7 @@ if str(BENCH) not in sys.path:  # worker processes import ppo_modes by name
     sys.path.insert(0, str(BENCH))
 
 import ppo_modes  # noqa: E402
-from detoxrl.io import atomic_write_json  # noqa: E402
+from detoxrl.runs.io import atomic_write_json  # noqa: E402
 from ppo_models import SHAPES, data_file, load_prompts, prepare_shape  # noqa: E402
 from ppo_report import summarize, write_outputs  # noqa: E402
 

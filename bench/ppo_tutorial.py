@@ -29,16 +29,16 @@ from dataclasses import fields, replace
 
 import torch
 
-from ppo_modes import TEMPERATURE, Phases, default_device, load_lm, param_counts, sampling_kwargs
+from ppo_phases import TEMPERATURE, Phases, default_device, load_lm, param_counts, sampling_kwargs
 
 
 class TutorialRunner:
     def __init__(self, spec: dict):
         from transformers import AutoTokenizer, pipeline
 
-        from detoxrl import rl_math
         from detoxrl.config import LoraSettings
-        from detoxrl.policy import Policy
+        from detoxrl.models.policy import Policy
+        from detoxrl.rl.kl import AdaptiveKLController
 
         self.spec, self.device = spec, default_device()
         self.tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
@@ -52,7 +52,7 @@ class TutorialRunner:
             [p for p in self.policy.parameters() if p.requires_grad], lr=1.41e-5)
         self.pipe = pipeline("text-classification", model=spec["classifier"],
                              device=self.device, dtype=torch.float32)
-        self.kl_ctl = rl_math.AdaptiveKLController(0.2, 6.0, 10000)
+        self.kl_ctl = AdaptiveKLController(0.2, 6.0, 10000)
 
     def parameter_counts(self) -> dict:
         return {"policy": param_counts(self.policy), "reference": param_counts(self.ref),
@@ -98,8 +98,8 @@ class TutorialRunner:
 
     def _rollout(self, prompts: dict, responses: list[torch.Tensor], texts: list[str],
                  scores: torch.Tensor):
-        from detoxrl.batch import Rollout
-        from detoxrl.data import collate_queries
+        from detoxrl.data.prompts import collate_queries
+        from detoxrl.models.rollout import Rollout
 
         side = "right" if self.spec["is_seq2seq"] else "left"
         ids, mask = collate_queries(prompts["input_ids"], self.tokenizer.pad_token_id, side)
@@ -123,7 +123,7 @@ class TutorialRunner:
                        ref_logprobs=torch.cat(ref_logprobs))
 
     def _advantages(self, batch):
-        from detoxrl import rl_math
+        from detoxrl.rl import math as rl_math
 
         mask = batch.response_mask
         rewards, kl = rl_math.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs,
@@ -134,7 +134,7 @@ class TutorialRunner:
                        advantages=rl_math.masked_whiten(advantages, mask))
 
     def _optimize(self, batch, seed: int) -> int:
-        from detoxrl import rl_math
+        from detoxrl.rl import math as rl_math
 
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + 1))
         skipped = 0
@@ -170,7 +170,7 @@ def trl_forward(model, mb, value_head=None, with_entropy: bool = False):
     """Response log-probs (and values, entropy) as TRL's ``batched_forward_pass`` got them:
     full logits of every position, log-softmax, gather. Kept apart from ``Policy.forward``
     so that optimisations of detoxrl's forward do not leak into the tutorial's figures."""
-    from detoxrl import rl_math
+    from detoxrl.models.generation import entropy_from_logits
 
     q, qm, r, rm = mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask
     if model.config.is_encoder_decoder:
@@ -193,5 +193,5 @@ def trl_forward(model, mb, value_head=None, with_entropy: bool = False):
     logits = logits.float() / TEMPERATURE
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, r.unsqueeze(-1)).squeeze(-1)
     values = value_head(hidden) if value_head is not None else None
-    entropy = rl_math.entropy_from_logits(logits) if with_entropy else None
+    entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, values, entropy

@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data import collate_queries
-    from detoxrl.policy import Policy
+    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.policy import Policy
 
     torch.set_num_threads(1)
     spec, _ = spec_from_args(parse_args(["--shape", args.shape]))

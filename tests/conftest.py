@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detoxrl import tiny
+from detoxrl.models import tiny
 
 # DETOXRL_SHARED_DATA points at another copy (a git worktree has no ../shared beside it).
 SHARED_DATA = Path(os.environ.get("DETOXRL_SHARED_DATA")

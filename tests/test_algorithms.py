@@ -18,12 +18,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from detoxrl.batch import Rollout
 from detoxrl.config import load_config
 from detoxrl.errors import ConfigError
-from detoxrl.policy import VALUE_HEAD_FILE, PolicyOutput
-from detoxrl.run import train
-from detoxrl.trainer import PPOTrainer
+from detoxrl.models.policy import VALUE_HEAD_FILE, PolicyOutput
+from detoxrl.models.rollout import Rollout
+from detoxrl.rl.detox_trainer import train
+from detoxrl.rl.learner import Learner
 
 TINY = ["--data.path", "tiny:dialogsum", "--reward.model", "tiny:roberta-hate",
         "--save_every", "0", "--seed", "0", "--data.max_prompt_tokens", "48"]
@@ -54,10 +54,10 @@ def _group_rollout() -> Rollout:
         ref_logprobs=torch.tensor([[-1.5, -2.0], [-0.5, 0.0], [-0.5, -0.5], [-1.0, -2.0]]))
 
 
-def _trainer(tmp_path, algorithm: str, *extra: str) -> PPOTrainer:
+def _trainer(tmp_path, algorithm: str, *extra: str) -> Learner:
     cfg = _cfg(tmp_path, "t5", algorithm, "--ppo.beta", "0.1", "--ppo.batch_size", "2",
                *extra).finalize()
-    return PPOTrainer(cfg, torch.nn.Module(), None, Accelerator(cpu=True), optimizer=None)
+    return Learner(cfg, torch.nn.Module(), None, Accelerator(cpu=True), optimizer=None)
 
 
 def test_rloo_step_by_hand(tmp_path):
@@ -142,8 +142,8 @@ def test_config_names_validation_and_renames(tmp_path):
 
 def _forbidden_tokens(cfg) -> tuple[set[int], object]:
     """The most frequent tokens of the start policy's samples, covering half of them."""
-    from detoxrl.data import build_prompts, collate_queries
-    from detoxrl.policy import Policy
+    from detoxrl.data.prompts import build_prompts, collate_queries
+    from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(cfg.model, cfg.lora, value_head=False)
     prompts = build_prompts(cfg.data, policy.tokenizer).train.select(range(64))
@@ -215,7 +215,7 @@ def test_resume_is_exact_and_writes_no_value_head(tmp_path, algorithm, arch, ext
              "--ppo.num_generations", "2", "--ppo.mini_batch_size", "8", *extra]
     full = train(_cfg(tmp_path / "full", arch, algorithm, *extra), quiet=True)
 
-    from detoxrl.reward import ClassifierReward
+    from detoxrl.models.reward import ClassifierReward
 
     cfg = _cfg(tmp_path / "cut", arch, algorithm, *extra)
     scorer, calls = ClassifierReward.from_config(cfg.reward), {"n": 0}
@@ -244,7 +244,7 @@ def test_resume_is_exact_and_writes_no_value_head(tmp_path, algorithm, arch, ext
     for run in (full.output_dir, full.output_dir / "checkpoints" / "step-2" / "adapter"):
         assert (run / "adapter_model.safetensors").exists()
         assert not (run / VALUE_HEAD_FILE).exists()
-    assert resumed.trainer.policy.value_head is None
+    assert resumed.learner.policy.value_head is None
     with pytest.raises(ConfigError, match=f"ppo.algorithm: '{algorithm}' in the run, 'ppo' now"):
         train(_cfg(tmp_path / "cut", arch, "ppo", *extra[:4]), resume=True, quiet=True)
 

@@ -17,7 +17,7 @@ import pytest
 
 from detoxrl import cli
 from detoxrl.config import load_config
-from detoxrl.run import train
+from detoxrl.rl.detox_trainer import train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 LATIN1 = "caf\xe9 cr\xe8me".encode("latin-1")

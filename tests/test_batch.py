@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from detoxrl.batch import Rollout
+from detoxrl.models.rollout import Rollout
 
 
 def _rollout(query_mask: list[list[int]], response_mask: list[list[int]],

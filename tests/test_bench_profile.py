@@ -14,7 +14,7 @@ def test_table_attributes_samples_by_phase_and_call_site(tmp_path):
     top = "<module> (ppo_profile.py:1);measured_step (ppo_profile.py:2)"
 
     def stack(phase: str, *frames: str) -> str:
-        return ";".join([top, f"PPOTrainer.{phase} (detoxrl/trainer.py:9)", *frames])
+        return ";".join([top, f"Learner.{phase} (detoxrl/rl/learner.py:9)", *frames])
 
     raw = "\n".join([
         stack("rollout", f"forward ({model}:2)", "linear (torch/nn/functional.py:1)") + " 30",

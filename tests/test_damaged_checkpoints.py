@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detoxrl.checkpoint import checkpoint_problem, list_checkpoints
 from detoxrl.config import load_config
 from detoxrl.errors import ConfigError
-from detoxrl.run import train
+from detoxrl.rl.detox_trainer import train
+from detoxrl.runs.checkpoint import checkpoint_problem, list_checkpoints
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SMALL = ["--ppo.batch_size", "4", "--ppo.mini_batch_size", "2", "--ppo.ppo_epochs", "1",

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from detoxrl import cli, tiny
+from detoxrl import cli
 from detoxrl.config import DataConfig
-from detoxrl.data import build_prompts, collate_queries, load_rows
+from detoxrl.data.prompts import build_prompts, collate_queries, load_rows
+from detoxrl.models import tiny
 
 OPEN_RANGE = {"min_chars": 0, "max_chars": 10**6}  # keep every row
 
@@ -242,7 +243,7 @@ def test_collate_queries(side, ids, mask):
 
 
 def test_is_held_out_depends_on_the_text_alone():
-    from detoxrl.data import is_held_out
+    from detoxrl.data.prompts import is_held_out
 
     texts = [f"prompt number {i}" for i in range(2000)]
     picked = [t for t in texts if is_held_out(t)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from detoxrl.cli import main
-from detoxrl.data import is_held_out
+from detoxrl.data.prompts import is_held_out
 from detoxrl.demo import prompts
 from detoxrl.demo.cache import MARKER, RECORD, Stage, claim_output_dir, run_stage
 from detoxrl.demo.pipeline import FOLDERS, _Paths, data_stage, rl_stage

@@ -14,7 +14,7 @@ resuming on a different number of processes is refused.
 
 Each rank dumps its own state through a test-only ``sitecustomize.py`` that this file writes
 and puts on ``PYTHONPATH`` (nothing in the package is test-specific): it wraps
-``DetoxTrainer.train`` and ``PPOTrainer.score`` in the launched processes only.
+``DetoxTrainer.train`` and ``Learner.score`` in the launched processes only.
 
 On CPU, ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's
 simple launcher spawns only under mpirun); ``ACCELERATE_USE_CPU=true`` with ``--multi_gpu``
@@ -38,11 +38,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detoxrl import run
 from detoxrl.config import TrainConfig
 from detoxrl.errors import ConfigError
-from detoxrl.rl_math import AdaptiveKLController
-from detoxrl.trainer import PPOTrainer
+from detoxrl.rl import distributed as dist
+from detoxrl.rl.kl import AdaptiveKLController
+from detoxrl.rl.learner import Learner
 
 LAUNCH = [
     pytest.mark.slow,
@@ -83,11 +83,11 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from detoxrl import detox_trainer, trainer
+        from detoxrl.rl import detox_trainer, learner
 
         out = Path(os.environ["DETOXRL_TEST_DUMP"])
         steps = []
-        score = trainer.PPOTrainer.score
+        score = learner.Learner.score
 
         def recording_score(self, batch, columns=None):
             batch, raw = score(self, batch, columns)
@@ -98,7 +98,7 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
 
         def dumping_train(self, *args, **kwargs):
             result = train(self, *args, **kwargs)
-            t = self.ppo
+            t = self.learner
             rank = t.accelerator.process_index
             tensors = {"adapter." + k: v for k, v in get_peft_model_state_dict(
                 t.policy.model, adapter_name="default").items()}
@@ -113,7 +113,7 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
                 "steps": steps}))
             return result
 
-        trainer.PPOTrainer.score = recording_score
+        learner.Learner.score = recording_score
         detox_trainer.DetoxTrainer.train = dumping_train
 
     _install()
@@ -306,7 +306,7 @@ def test_rollout_generates_with_synced_gpus_only_under_zero3():
 
     ids = torch.ones(2, 3, dtype=torch.long)
     for stage in (None, 2, 3):
-        trainer = PPOTrainer(cfg, Policy(), None, _fake_accelerator(stage), optimizer=None)
+        trainer = Learner(cfg, Policy(), None, _fake_accelerator(stage), optimizer=None)
         trainer.rollout(ids, ids, ["a", "b"], step_seed=0)
     assert calls == [False, False, True]
 
@@ -320,19 +320,19 @@ def test_deepspeed_setup_fills_the_micro_batch_and_refuses_what_is_unsupported()
         return c.finalize(2)
 
     acc = _fake_accelerator(2)
-    run._setup_deepspeed(cfg(), acc, resume=False)
+    dist.setup_deepspeed(cfg(), acc, resume=False)
     assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
-    run._setup_deepspeed(cfg(), _fake_accelerator(None), resume=True)  # DDP: nothing to do
+    dist.setup_deepspeed(cfg(), _fake_accelerator(None), resume=True)  # DDP: nothing to do
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        run._setup_deepspeed(cfg(gradient_accumulation_steps=2), _fake_accelerator(3), False)
+        dist.setup_deepspeed(cfg(gradient_accumulation_steps=2), _fake_accelerator(3), False)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        run._setup_deepspeed(cfg(), _fake_accelerator(2, gradient_accumulation_steps=4), False)
+        dist.setup_deepspeed(cfg(), _fake_accelerator(2, gradient_accumulation_steps=4), False)
     with pytest.raises(ConfigError, match="save_every"):
-        run._setup_deepspeed(cfg(), _fake_accelerator(2), resume=True)
+        dist.setup_deepspeed(cfg(), _fake_accelerator(2), resume=True)
     saving = cfg()
     saving.save_every = 5
     with pytest.raises(ConfigError, match="save_every"):
-        run._setup_deepspeed(saving, _fake_accelerator(2), resume=False)
+        dist.setup_deepspeed(saving, _fake_accelerator(2), resume=False)
 
 
 def test_reward_model_loads_whole_under_zero3():
@@ -349,10 +349,10 @@ def test_reward_model_loads_whole_under_zero3():
     acc.state.deepspeed_plugin.set_deepspeed_weakref()
     try:
         assert hf_ds.is_deepspeed_zero3_enabled()
-        with run._whole_weights(acc):
+        with dist.whole_weights(acc):
             assert not hf_ds.is_deepspeed_zero3_enabled()  # from_pretrained: no zero.Init
         assert hf_ds.is_deepspeed_zero3_enabled()
-        with run._whole_weights(_fake_accelerator(2)):
+        with dist.whole_weights(_fake_accelerator(2)):
             assert hf_ds.is_deepspeed_zero3_enabled()      # only stage 3 is touched
     finally:
         hf_ds.unset_hf_deepspeed_config()
@@ -364,7 +364,7 @@ def test_lora_targets_are_checked_without_zero_init_under_zero3(tiny_t5_path):
     import transformers.integrations.deepspeed as hf_ds
     from transformers import AutoModelForSeq2SeqLM
 
-    from detoxrl.loading import check_lora_targets, load_config
+    from detoxrl.models.loading import check_lora_targets, load_config
 
     class Zero3Config:
         def is_zero3(self):
@@ -386,14 +386,14 @@ def test_zero3_refuses_a_t5_whose_own_lm_head_was_tied(tiny_t5_path, tiny_gpt2_p
 
     t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)  # untied, as saved
     for stage in (0, 2, 3):
-        run.refuse_tied_t5_head(stage, t5)
+        dist.refuse_tied_t5_head(stage, t5)
     t5.lm_head.weight = t5.shared.weight  # what a ZeRO-3 load does to it
-    run.refuse_tied_t5_head(2, t5)
+    dist.refuse_tied_t5_head(2, t5)
     with pytest.raises(ConfigError, match=r"ZeRO-3.*lm_head tied.*ZeRO-2"):
-        run.refuse_tied_t5_head(3, t5)
+        dist.refuse_tied_t5_head(3, t5)
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)  # tied by design
     assert gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight
-    run.refuse_tied_t5_head(3, gpt2)
+    dist.refuse_tied_t5_head(3, gpt2)
 
 
 def test_a_run_after_a_trainer_in_the_same_process_gets_its_own_precision(monkeypatch):
@@ -403,10 +403,10 @@ def test_a_run_after_a_trainer_in_the_same_process_gets_its_own_precision(monkey
     from accelerate.state import AcceleratorState
 
     Accelerator(mixed_precision="no")
-    monkeypatch.setattr(run, "_mixed_precision", lambda cfg: "bf16")  # what a GPU resolves
+    monkeypatch.setattr(dist, "mixed_precision", lambda cfg: "bf16")  # what a GPU resolves
     try:
-        acc = run.make_accelerator(TrainConfig(save_every=0))
+        acc = dist.make_accelerator(TrainConfig(save_every=0))
         assert acc.mixed_precision == "bf16"
-        assert run.make_accelerator(TrainConfig(save_every=0)).mixed_precision == "bf16"
+        assert dist.make_accelerator(TrainConfig(save_every=0)).mixed_precision == "bf16"
     finally:
         AcceleratorState._reset_state()

@@ -198,9 +198,9 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     """The default fluency: exp(-mean log p_ref) of the sampled token ids, one row at a time
     through the bare base model (no padding, no adapter) as the slow reference."""
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data import collate_queries
+    from detoxrl.data.prompts import collate_queries
     from detoxrl.evaluation.sampling import perplexity, reference_logprobs
-    from detoxrl.policy import Policy
+    from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(
         request.getfixturevalue(f"tiny_{arch}_path"))), trainable=False, value_head=False)

@@ -17,7 +17,7 @@ from detoxrl.commands import report as report_command
 from detoxrl.errors import DetoxError
 from detoxrl.evaluation import quality, stats, tables
 from detoxrl.evaluation.report import build_report
-from detoxrl.io import atomic_dir, atomic_write_json, atomic_write_text
+from detoxrl.runs.io import atomic_dir, atomic_write_json, atomic_write_text
 
 
 def _simulated(seed: int, n: int = 500, shift: float = -0.05):

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from detoxrl import tiny
 from detoxrl.cli import main
 from detoxrl.commands.evaluate import split_run_dir
 from detoxrl.config import load_config
-from detoxrl.data import collate_queries
+from detoxrl.data.prompts import collate_queries
 from detoxrl.errors import ConfigError
 from detoxrl.evaluation.stats import IMPROVED, NO_CHANGE, WORSE
+from detoxrl.models import tiny
 from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache) -> Path:
-    from detoxrl.run import train
+    from detoxrl.rl.detox_trainer import train
 
     out = tmp_path_factory.mktemp("eval") / "run"
     train(load_config(ROOT / "configs" / "tiny.yaml", [
@@ -144,7 +144,7 @@ def test_greedy_ignores_the_seed(run_dir, cache):
 def test_kl_from_sampled_logprobs_equals_the_forward_pass(run_dir, cache):
     """The evaluation reads the trained policy's log-probs while sampling instead of a
     forward pass; the KL per response is the same either way."""
-    from detoxrl.data import collate_queries
+    from detoxrl.data.prompts import collate_queries
     from detoxrl.evaluation import setup
     from detoxrl.evaluation.sampling import reference_logprobs, sequence_kl
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detoxrl import tiny
 from detoxrl.cli import main
 from detoxrl.config import load_config
 from detoxrl.evaluation.stats import NO_CHANGE
+from detoxrl.models import tiny
 from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache) -> Path:
-    from detoxrl.run import train
+    from detoxrl.rl.detox_trainer import train
 
     out = tmp_path_factory.mktemp("protocol") / "run"
     train(load_config(ROOT / "configs" / "tiny.yaml", [
@@ -114,7 +114,7 @@ def causal_run(root: Path, rtp_file: Path) -> Path:
     """A run folder for the tiny GPT-2 with a fresh (zero) adapter: after == before."""
     import yaml
 
-    from detoxrl.policy import Policy
+    from detoxrl.models.policy import Policy
 
     run = root / "gpt2-run"
     cfg_text = (ROOT / "configs" / "tiny.yaml").read_text().replace("tiny:t5", "tiny:gpt2")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detoxrl.batch import Rollout
 from detoxrl.config import ModelConfig, SamplingConfig
-from detoxrl.data import collate_queries
-from detoxrl.generation import NucleusFilter, draw_lengths, response_mask
-from detoxrl.policy import Policy
+from detoxrl.data.prompts import collate_queries
+from detoxrl.models.generation import NucleusFilter, draw_lengths, response_mask
+from detoxrl.models.policy import Policy
+from detoxrl.models.rollout import Rollout
 
 EOS = 1
 PROMPTS = [

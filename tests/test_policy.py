@@ -19,13 +19,13 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from detoxrl import rl_math
 from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
-from detoxrl.data import collate_queries
+from detoxrl.data.prompts import collate_queries
 from detoxrl.errors import ConfigError, ModelLoadError
-from detoxrl.loading import resolve_dtype
-from detoxrl.policy import VALUE_HEAD_FILE, Policy, default_lora
-from detoxrl.tiny import untie_lm_head
+from detoxrl.models.loading import resolve_dtype
+from detoxrl.models.policy import VALUE_HEAD_FILE, Policy, default_lora
+from detoxrl.models.tiny import untie_lm_head
+from detoxrl.rl import math as rl_math
 
 PROMPTS = [
     "#Person1#: Hi, how are you?",

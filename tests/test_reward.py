@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from detoxrl.config import RewardConfig
 from detoxrl.errors import ConfigError, ModelLoadError
-from detoxrl.reward import ClassifierReward, compute_rewards
+from detoxrl.models.reward import ClassifierReward, compute_rewards
 
 PROMPTS = ["Summarize the following conversation.\n\n#Person1#: Hi.\n\nSummary:\n"] * 4
 RESPONSES = ["They talk about the weather.", "I can't stand the meeting any more.",

@@ -7,7 +7,7 @@ import torch
 
 from detoxrl.config import RewardConfig
 from detoxrl.errors import ConfigError
-from detoxrl.reward import ClassifierReward, RewardSet, as_reward_function, build_reward_set
+from detoxrl.models.reward import ClassifierReward, RewardSet, as_reward_function, build_reward_set
 
 PROMPTS = ["Summarize: a.", "Summarize: b.", "Summarize: c."]
 COMPLETIONS = ["the cat sat", "a dog", "the end of the story"]

@@ -1,4 +1,4 @@
-"""rl_math against hand arithmetic and against slow per-element reference loops."""
+"""rl.math and rl.kl against hand arithmetic and against slow per-element reference loops."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import math
 import pytest
 import torch
 
-from detoxrl import rl_math
-from detoxrl.rl_math import (
-    AdaptiveKLController,
-    FixedKLController,
+from detoxrl.models.generation import block_token, entropy_from_logits
+from detoxrl.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from detoxrl.rl.math import (
     RunningMoments,
-    entropy_from_logits,
     gae_advantages,
-    kl_penalty,
     kl_shaped_rewards,
     masked_mean,
     masked_sum,
@@ -422,14 +419,14 @@ def test_running_moments_from_global_moments_and_state(gen):
 
 def test_block_token_hand_values():
     logits = torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])   # (1, 3, 3)
-    blocked = rl_math.block_token(logits, token_id=2, first_n=2)
+    blocked = block_token(logits, token_id=2, first_n=2)
     lowest = torch.finfo(torch.float32).min
     assert blocked[0, 0, 2] == lowest and blocked[0, 1, 2] == lowest
     assert torch.equal(blocked[0, 2], logits[0, 2])
     assert torch.equal(blocked[..., :2], logits[..., :2])
     probs = blocked.softmax(-1)
     torch.testing.assert_close(probs[0, 0], torch.tensor([0.2689414, 0.7310586, 0.0]))
-    assert torch.isfinite(rl_math.entropy_from_logits(blocked)).all()
-    assert rl_math.block_token(logits, 2, 0) is logits                     # nothing blocked
-    one_step = rl_math.block_token(logits[:, 0], 2, 1)                       # (B, V) form
+    assert torch.isfinite(entropy_from_logits(blocked)).all()
+    assert block_token(logits, 2, 0) is logits                     # nothing blocked
+    one_step = block_token(logits[:, 0], 2, 1)                       # (B, V) form
     assert one_step[0, 2] == lowest and torch.equal(one_step[0, :2], logits[0, 0, :2])

@@ -8,11 +8,11 @@ import statistics
 import pytest
 import torch
 
-from detoxrl.rl_math import (
+from detoxrl.rl.kl import kl_penalty
+from detoxrl.rl.math import (
     aggregate_loss,
     clipped_pg_losses,
     group_advantages,
-    kl_penalty,
     policy_loss,
     rloo_advantages,
     sequence_to_tokens,

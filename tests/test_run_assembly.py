@@ -1,4 +1,4 @@
-"""``run.make_accelerator`` and ``run.build_trainer``: the assembly ``train`` and the benchmark
+"""``make_accelerator`` and ``build_learner``: the assembly ``train`` and the benchmark
 share, checked on the tiny preset (configs/tiny.yaml, shortened)."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from detoxrl import run
 from detoxrl.config import load_config
-from detoxrl.data import build_prompts, collate_queries
-from detoxrl.reward import ClassifierReward
-from detoxrl.rl_math import AdaptiveKLController, FixedKLController
+from detoxrl.data.prompts import build_prompts, collate_queries
+from detoxrl.models.reward import ClassifierReward
+from detoxrl.rl import assembly
+from detoxrl.rl.distributed import make_accelerator
+from detoxrl.rl.kl import AdaptiveKLController, FixedKLController
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SMALL = ["--ppo.batch_size", "4", "--ppo.mini_batch_size", "2", "--ppo.ppo_epochs", "1",
@@ -28,11 +29,11 @@ def _trainable(trainer) -> list[torch.nn.Parameter]:
     return [p for p in trainer.policy.parameters() if p.requires_grad]
 
 
-def test_build_trainer_assembles_a_trainer_that_steps(tmp_path, capsys):
+def test_build_learner_assembles_a_trainer_that_steps(tmp_path, capsys):
     cfg = _cfg(tmp_path)
-    accelerator = run.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     assert (cfg.ppo.world_size, cfg.ppo.local_batch_size, cfg.ppo.num_mini_batches) == (1, 4, 2)
-    trainer = run.build_trainer(cfg, accelerator, quiet=False)
+    trainer = assembly.build_learner(cfg, accelerator, quiet=False)
     assert "percentage of trainable model parameters" in capsys.readouterr().out
 
     # The optimizer holds exactly the trainable parameters (LoRA + value head), once each.
@@ -50,11 +51,11 @@ def test_build_trainer_assembles_a_trainer_that_steps(tmp_path, capsys):
     # One step, as train()'s loop takes it: finite metrics, trainable weights updated.
     policy = trainer.policy
     prompts = build_prompts(cfg.data, policy.tokenizer, seed=cfg.seed).train
-    rows = prompts[run.batch_indices(0, len(prompts), cfg, 0)]
+    rows = prompts[assembly.batch_indices(0, len(prompts), cfg, 0)]
     ids, mask = collate_queries(rows["input_ids"], policy.tokenizer.pad_token_id,
                                 policy.padding_side)
     before = [p.detach().clone() for p in trainable]
-    result = trainer.step(ids, mask, rows["query"], run.step_seed(cfg.seed, 0, 0))
+    result = trainer.step(ids, mask, rows["query"], assembly.step_seed(cfg.seed, 0, 0))
     assert trainer.skipped_steps == 0
     numbers = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     assert {"objective/kl", "env/reward_mean", "ppo/loss/policy"} <= set(numbers)
@@ -62,12 +63,12 @@ def test_build_trainer_assembles_a_trainer_that_steps(tmp_path, capsys):
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable, strict=True))
 
 
-def test_build_trainer_follows_the_config_and_the_seed(tmp_path):
+def test_build_learner_follows_the_config_and_the_seed(tmp_path):
     def reward(prompts, completions, **kwargs):
         return [0.0] * len(completions)
 
     fixed_cfg = _cfg(tmp_path, "--ppo.kl_controller", "fixed", "--ppo.lr_scheduler", "linear")
-    fixed = run.build_trainer(fixed_cfg, run.make_accelerator(fixed_cfg), reward_fn=reward)
+    fixed = assembly.build_learner(fixed_cfg, make_accelerator(fixed_cfg), reward_fn=reward)
     assert isinstance(fixed.kl_ctl, FixedKLController)
     assert fixed.kl_ctl.value == fixed_cfg.ppo.init_kl_coef
     assert fixed.reward_fn.funcs == [reward]  # an explicit reward replaces cfg.reward
@@ -83,9 +84,9 @@ def test_build_trainer_follows_the_config_and_the_seed(tmp_path):
 
     # The seed alone decides the LoRA and value-head initialisation.
     same_cfg = _cfg(tmp_path)
-    same = run.build_trainer(same_cfg, run.make_accelerator(same_cfg), reward_fn=reward)
+    same = assembly.build_learner(same_cfg, make_accelerator(same_cfg), reward_fn=reward)
     other_cfg = _cfg(tmp_path, "--seed", "1")
-    other = run.build_trainer(other_cfg, run.make_accelerator(other_cfg), reward_fn=reward)
+    other = assembly.build_learner(other_cfg, make_accelerator(other_cfg), reward_fn=reward)
     pairs = list(zip(_trainable(fixed), _trainable(same), strict=True))
     assert all(torch.equal(a, b) for a, b in pairs)
     assert not all(torch.equal(a, b)

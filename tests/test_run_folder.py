@@ -10,7 +10,7 @@ import pytest
 from detoxrl import cli
 from detoxrl.config import load_config
 from detoxrl.errors import ConfigError, TrainingDiverged
-from detoxrl.run import train
+from detoxrl.rl.detox_trainer import train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SMALL = ["--ppo.batch_size", "4", "--ppo.mini_batch_size", "2", "--ppo.ppo_epochs", "1",

@@ -13,9 +13,9 @@ import yaml
 
 from detoxrl import cli
 from detoxrl.config import LoraSettings, ModelConfig, load_config
-from detoxrl.data import is_held_out
-from detoxrl.lm_corpus import CorpusSettings, build_corpus
-from detoxrl.policy import Policy
+from detoxrl.data.lm_corpus import CorpusSettings, build_corpus
+from detoxrl.data.prompts import is_held_out
+from detoxrl.models.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_sft_adapter_continued_by_train_has_zero_kl_at_first(tmp_path, request, 
                                                             tiny_dialogsum,
                                                             tiny_classifier_path):
     from detoxrl.config import TrainConfig
-    from detoxrl.run import train
+    from detoxrl.rl.detox_trainer import train
 
     base_path = request.getfixturevalue(base)
     adapter = tmp_path / "adapter"
@@ -196,7 +196,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capfd, tiny_t5_path, tin
 
 def test_tokenizer_that_does_not_fit_the_model(tmp_path, capfd, tiny_gpt2_path,
                                                tiny_dialogsum):
-    from detoxrl import tiny
+    from detoxrl.models import tiny
 
     big = tiny.train_tokenizer([f"word{i} other{i * 7}" for i in range(3000)], 2000)
     big.save_pretrained(tmp_path / "big")

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from detoxrl import cli, labelled
-from detoxrl.reward import ClassifierReward
-from detoxrl.reward_training import roc_auc
+from detoxrl import cli
+from detoxrl.data import labelled
+from detoxrl.models.reward import ClassifierReward
+from detoxrl.supervised.reward_training import roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 _BAD = ["awful", "vile", "disgusting", "filthy", "scum", "worthless"]
@@ -169,7 +170,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capfd, case, words,
                  f"--data.{split}.format", "csv", f"--data.{split}.header", "true",
                  f"--data.{split}.text_column", "text"]
     if case == "tokenizer_mismatch":
-        from detoxrl import tiny
+        from detoxrl.models import tiny
 
         big = tiny.train_tokenizer([f"word{i} other{i * 7}" for i in range(3000)], 2000)
         big.save_pretrained(tmp_path / "big-tok")
@@ -198,7 +199,7 @@ def test_refuses_to_replace_a_run_without_overwrite(tmp_path, dyna_dir, capsys):
 def test_short_real_dynabench_run_beats_chance(tmp_path, shared_data):
     """200 steps (about 20 s) on Dynabench's Train split, judged on its whole Test split."""
     from detoxrl.config import load_config
-    from detoxrl.reward_training import RewardTrainingConfig, train_reward
+    from detoxrl.supervised.reward_training import RewardTrainingConfig, train_reward
 
     cfg = load_config(ROOT / "configs" / "mini" / "reward-dynabench.yaml", [
         "--data_dir", str(shared_data), "--output_dir", str(tmp_path / "dyna"),
@@ -211,7 +212,7 @@ def test_short_real_dynabench_run_beats_chance(tmp_path, shared_data):
 def test_label_map_from_yaml_and_the_command_line(tmp_path):
     from detoxrl.config import load_config
     from detoxrl.errors import ConfigError
-    from detoxrl.reward_training import RewardTrainingConfig
+    from detoxrl.supervised.reward_training import RewardTrainingConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  label_map: {0: hate, 1: hate, 2: nothate}\n")

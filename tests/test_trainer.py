@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detoxrl.batch import Rollout
 from detoxrl.config import load_config
-from detoxrl.run import train
+from detoxrl.models.rollout import Rollout
+from detoxrl.rl.detox_trainer import train
 
 TINY = ["--model.name_or_path", "tiny:t5", "--data.path", "tiny:dialogsum",
         "--reward.model", "tiny:roberta-hate", "--save_every", "0", "--seed", "0"]
@@ -44,13 +44,13 @@ def _hand_rollout() -> Rollout:
 
 def test_one_step_matches_hand_computation(tmp_path):
     """KL, rewards, GAE, returns and both losses of the trainer's steps 4-5, by hand."""
-    from detoxrl.trainer import PPOTrainer
+    from detoxrl.rl.learner import Learner
 
     cfg = _cfg(tmp_path, "--ppo.kl_controller", "fixed", "--ppo.init_kl_coef", "0.1",
                "--ppo.whiten_advantages", "false", "--ppo.lam", "0.95").finalize()
     from accelerate import Accelerator
 
-    trainer = PPOTrainer(cfg, torch.nn.Module(), reward_fn=None,
+    trainer = Learner(cfg, torch.nn.Module(), reward_fn=None,
                          accelerator=Accelerator(cpu=True), optimizer=None)
     batch, kl = trainer.algorithm.rewards(_hand_rollout())
     # k1 KL per token: logp - ref.
@@ -68,7 +68,7 @@ def test_one_step_matches_hand_computation(tmp_path):
     assert torch.allclose(batch.returns, expected_adv + batch.values * batch.response_mask,
                           atol=1e-6)
 
-    from detoxrl import rl_math
+    from detoxrl.rl import math as rl_math
 
     new_logprobs = batch.logprobs + torch.tensor([[0.1, -0.3, 0.0], [0.0, 0.0, 0.0]])
     loss, stats = rl_math.policy_loss(new_logprobs, batch.logprobs, batch.advantages,
@@ -101,9 +101,9 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
     from accelerate import Accelerator
 
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data import collate_queries
-    from detoxrl.policy import Policy
-    from detoxrl.trainer import PPOTrainer
+    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.policy import Policy
+    from detoxrl.rl.learner import Learner
 
     path = request.getfixturevalue(f"tiny_{arch}_path")
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(path)))
@@ -112,7 +112,7 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
             if "lora_B" in name:
                 param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
     cfg = _cfg(tmp_path, "--ppo.batch_size", "6", "--ppo.mini_batch_size", "2").finalize()
-    trainer = PPOTrainer(cfg, policy, None, Accelerator(cpu=True), optimizer=None)
+    trainer = Learner(cfg, policy, None, Accelerator(cpu=True), optimizer=None)
     texts = [" ".join(["word"] * n) + " end" for n in (3, 40, 7, 25, 1, 12)]
     q, qm = collate_queries([policy.tokenizer(t).input_ids for t in texts],
                             policy.tokenizer.pad_token_id, policy.padding_side)
@@ -149,8 +149,8 @@ def test_ppo_halves_forbidden_token_share(tmp_path):
     The set is the most frequent tokens of the initial policy's samples, covering half of
     them, so the policy starts out emitting them about 50% of the time.
     """
-    from detoxrl.data import build_prompts, collate_queries
-    from detoxrl.policy import Policy
+    from detoxrl.data.prompts import build_prompts, collate_queries
+    from detoxrl.models.policy import Policy
 
     learn = ["--generation.min_new_tokens_draw", "12", "--generation.max_new_tokens_draw", "12",
              "--generation.min_length", "12", "--ppo.batch_size", "32",
@@ -201,7 +201,7 @@ def test_resume_is_exact(tmp_path):
              "--ppo.lr_scheduler", "linear"]
     full = train(_cfg(tmp_path / "full", *extra), quiet=True)
 
-    from detoxrl.reward import ClassifierReward
+    from detoxrl.models.reward import ClassifierReward
 
     cfg = _cfg(tmp_path / "cut", *extra)
     scorer = ClassifierReward.from_config(cfg.reward)
@@ -224,7 +224,7 @@ def test_resume_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in
              (resumed.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    assert resumed.trainer.kl_ctl.value == full.trainer.kl_ctl.value
+    assert resumed.learner.kl_ctl.value == full.learner.kl_ctl.value
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
@@ -237,7 +237,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     result = train(_cfg(tmp_path, "--steps", "3"), reward_fn=sometimes_nan, quiet=True)
     skipped = [m for m in result.metrics if "ppo/skipped_steps" in m]
     assert [m["step"] for m in skipped] == [2]
-    assert result.trainer.skipped_steps == 1
+    assert result.learner.skipped_steps == 1
     for key, value in _state(result.output_dir).items():
         assert torch.isfinite(value).all(), key
 

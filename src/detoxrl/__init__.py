@@ -2,6 +2,12 @@
 
 ``from detoxrl import DetoxTrainer, TrainConfig`` gives the trainer and its configs; the
 heavy modules (torch, transformers) are imported on first use, so the CLI starts fast.
+
+The packages, each importing only those listed before it: ``config`` (typed options),
+``runs`` (run folder, checkpoints, atomic files, preflight checks), ``models`` (policy,
+rewards, loading, sampling), ``data`` (prompts, labelled texts, LM corpora),
+``evaluation`` (before/after measures, tables, report, model card), ``rl`` and
+``supervised`` (training), ``demo``, ``commands`` and ``cli``. ``errors`` is imported by all.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DetoxTrainer": "detox_trainer", "TrainConfig": "config", "ModelConfig": "config",
+    "DetoxTrainer": "rl.detox_trainer", "TrainConfig": "config", "ModelConfig": "config",
     "LoraSettings": "config", "DataConfig": "config", "RewardConfig": "config",
     "SamplingConfig": "config", "PPOConfig": "config", "load_config": "config",
-    "ClassifierReward": "reward", "RewardSet": "reward", "build_prompts": "data",
-    "write_model_card": "model_card", "generate": "inference", "DetoxError": "errors",
+    "ClassifierReward": "models.reward", "RewardSet": "models.reward",
+    "build_prompts": "data.prompts", "write_model_card": "evaluation.model_card",
+    "generate": "models.inference", "DetoxError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -13,7 +13,7 @@ from ..config import DataConfig, load_config
 from ..errors import DataError, ModelLoadError
 
 if TYPE_CHECKING:
-    from ..data import PromptData
+    from ..data.prompts import PromptData
 
 
 def register(subparsers) -> None:
@@ -39,11 +39,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the prompts that ``args`` describe and print the report."""
     # Imported here so that ``detoxrl --help`` does not pay for datasets and transformers.
-    from ..data import build_prompts
+    from ..data.prompts import build_prompts
 
     cfg = load_config(args.config, args.overrides)
     if args.output:
-        from ..io import check_writable
+        from ..runs.io import check_writable
 
         check_writable(args.output, "--output")
     if args.tokenizer:
@@ -64,8 +64,8 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
     """``AutoTokenizer.from_pretrained`` without remote code; failures become ModelLoadError."""
     from transformers import AutoTokenizer
 
-    from .. import tiny
-    from ..data import exception_summary
+    from ..data.prompts import exception_summary
+    from ..models import tiny
 
     source = tiny.resolve(name_or_path)
     try:
@@ -100,7 +100,7 @@ def save_splits(data: PromptData, out: Path) -> None:
     """
     from datasets import DatasetDict
 
-    from ..data import quiet
+    from ..data.prompts import quiet
 
     if out.exists() and not _replaceable(out):
         raise DataError(f"--output {str(out)!r} exists and is not a saved prompt dataset; "

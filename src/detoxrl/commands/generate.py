@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..inference import generate
+    from ..models.inference import generate
 
     prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.prompts == [
         "-"] else args.prompts

@@ -33,13 +33,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_evaluation_current(run_dir / "eval")
     if args.output:
-        from ..io import check_writable
+        from ..runs.io import check_writable
 
         check_writable(Path(args.output).parent, "--output")
     path = build_report(run_dir, args.output)
     print(f"Report written to {path}")
     if (run_dir / "adapter_config.json").is_file():  # the model card shows the evaluation too
-        from ..model_card import write_model_card
+        from ..evaluation.model_card import write_model_card
 
         print(f"Model card refreshed: {write_model_card(run_dir)}")
     return 0

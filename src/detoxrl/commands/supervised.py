@@ -37,11 +37,11 @@ def run(args) -> int:
     from ..config import help_table, load_config
 
     if args.command == "train-reward":
-        from ..reward_training import RewardTrainingConfig as cls
-        from ..reward_training import train_reward as fn
+        from ..supervised.reward_training import RewardTrainingConfig as cls
+        from ..supervised.reward_training import train_reward as fn
     else:
-        from ..sft import SFTConfig as cls
-        from ..sft import sft as fn
+        from ..supervised.sft import SFTConfig as cls
+        from ..supervised.sft import sft as fn
     if args.help_config:
         for key, default, text in help_table(cls):
             print(f"--{key} (default {default})\n    {text}")

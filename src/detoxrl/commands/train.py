@@ -25,6 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..config import help_table, load_config
+    from ..rl.detox_trainer import train
 
     if args.help_config:
         for key, default, text in help_table():
@@ -35,16 +36,9 @@ def run(args) -> int:
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
     cfg = load_config(args.config, overrides)
-    from pathlib import Path
-
-    from ..detox_trainer import DetoxTrainer
-    from ..run_folder import precheck_output_dir
-
-    precheck_output_dir(Path(cfg.output_dir), args.resume, args.overwrite, cfg)  # before loading
-    trainer = DetoxTrainer(args=cfg, quiet=args.quiet)
-    metrics = trainer.train(resume_from_checkpoint=args.resume,
-                            overwrite_output_dir=args.overwrite)
-    if metrics and not args.quiet and trainer.accelerator.is_main_process:
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    metrics = result.metrics
+    if metrics and not args.quiet and result.trainer.accelerator.is_main_process:
         last = metrics[-1]
         print(f"done: {len(metrics)} steps, last reward mean "
               f"{last.get('env/reward_mean', float('nan')):.4f}, KL "

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
-from ..io import atomic_write_json, atomic_write_text, to_jsonable
+from ..runs.io import atomic_write_json, atomic_write_text, to_jsonable
 
 RECORD = "stage.json"
 MARKER = ".detoxrl-demo"

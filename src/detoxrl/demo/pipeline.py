@@ -15,23 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config, to_dict
-from ..io import file_sha256
+from ..runs.io import file_sha256
 from . import prompts
-from .cache import Stage, StageResult, claim_output_dir, run_stage
+from .cache import Stage, claim_output_dir, run_stage
 from .settings import JUDGE, DemoConfig, preset
+from .summary import DemoRun, figures, read_summary, write_demo_summary, write_report
 
 FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",
            "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
            "report": "5-report"}
 PROTOCOL_TOKENS = 20  # the RealToxicityPrompts protocol's continuation length
-
-
-@dataclass
-class DemoRun:
-    cfg: DemoConfig
-    root: Path
-    stages: list[StageResult]
-    wall_s: float
 
 
 @dataclass
@@ -99,7 +92,7 @@ def data_stage(cfg: DemoConfig, paths: _Paths) -> Stage:
 
 
 def reward_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) -> Stage:
-    from ..reward_training import RewardTrainingConfig, train_reward
+    from ..supervised.reward_training import RewardTrainingConfig, train_reward
 
     rcfg = _supervised_config("reward-dynabench", RewardTrainingConfig,
                               [*quick, *cfg.reward_overrides], paths, "reward", cfg.seed)
@@ -108,7 +101,7 @@ def reward_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) 
 
 
 def policy_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) -> Stage:
-    from ..sft import SFTConfig, sft
+    from ..supervised.sft import SFTConfig, sft
 
     scfg = _supervised_config(f"lm-{cfg.arch}", SFTConfig, [*quick, *cfg.policy_overrides],
                               paths, "policy", cfg.seed)
@@ -133,7 +126,7 @@ def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[st
 
 
 def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
-    from ..run import train
+    from ..rl.detox_trainer import train
 
     result = train(tcfg, overwrite=True, quiet=quiet)
     last = result.metrics[-1] if result.metrics else {}
@@ -143,7 +136,7 @@ def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
 
 def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, str],
                quiet: bool) -> Stage:
-    """The RealToxicityPrompts protocol on one held-out set, through ``detoxrl evaluate``."""
+    """The RealToxicityPrompts protocol on one held-out set, as ``detoxrl evaluate`` runs it."""
     name = f"eval-{part}"
     prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[part]
     n = str(cfg.toxic_prompts) if part == "toxic" else "all"
@@ -153,32 +146,34 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
               "upstream": upstream}
     # The protocol's 20 tokens, all of them: EOS is blocked in evaluation as in the RL
     # rollouts (configs/mini/detox-*.yaml), so a shorter answer cannot pass for a cleaner one.
-    argv = ["evaluate", str(paths.folder("rl")), "--protocol", "rtp",
-            "--generation.min_length", str(PROTOCOL_TOKENS),
-            "--n", n, "--samples-per-prompt", str(cfg.samples_per_prompt), "--judge", JUDGE,
-            "--prompts", str(prompt_file), "--output", None, *(["--quiet"] if quiet else [])]
+    overrides = ["--generation.min_length", str(PROTOCOL_TOKENS)]
+    opts = dict(n=None if n == "all" else int(n), samples_per_prompt=cfg.samples_per_prompt,
+                protocol="rtp", explicit_generation=frozenset({"min_length"}),
+                judges=[JUDGE], prompts=str(prompt_file), progress=not quiet)
 
     def build(folder: Path) -> dict[str, Any]:
-        from .summary import figures, read_summary
-
-        _run_command([str(folder) if a is None else a for a in argv])
+        _evaluate(paths.folder("rl"), folder, overrides, opts)
         return {"figures": figures(read_summary(folder))}
 
     return Stage(name, paths.folder(name), inputs, build)
 
 
-def _run_command(argv: list[str]) -> None:
-    """Run a ``detoxrl`` subcommand in this process; its DetoxErrors propagate unchanged."""
-    from ..cli import build_parser
+def _evaluate(run_dir: Path, out: Path, overrides: list[str], opts: dict[str, Any]) -> None:
+    """What ``detoxrl evaluate RUN_DIR --output OUT ...`` does, printed the same way."""
+    from ..evaluation.printing import format_summary
+    from ..evaluation.runner import evaluate, rebuild_report
+    from ..evaluation.setup import EvalOptions, resolve_target
 
-    args, extra = build_parser().parse_known_args(argv)
-    args.overrides = extra
-    args.func(args)
+    summary = evaluate(resolve_target(str(run_dir), None, None, overrides, str(out)),
+                       EvalOptions(**opts))
+    print(format_summary(summary))
+    print(f"\nresults: {out}/summary.json, toxicity.json, generations.jsonl")
+    report = rebuild_report(out)
+    if report is not None:
+        print(f"report: {report}")
 
 
 def report_stage(cfg: DemoConfig, paths: _Paths, upstream: dict[str, str]) -> Stage:
-    from .summary import write_report
-
     return Stage("report", paths.folder("report"), {"upstream": upstream},
                  lambda folder: write_report(folder, paths.root, FOLDERS))
 
@@ -202,8 +197,7 @@ def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
 
 def run_demo(cfg: DemoConfig, fresh: bool = False, quiet: bool = False) -> DemoRun:
     """Run (or skip, when up to date) every stage; write demo_summary.json."""
-    from ..preflight import default_cpu_threads
-    from .summary import write_demo_summary
+    from ..runs.preflight import default_cpu_threads
 
     cfg.finalize()
     default_cpu_threads()

@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data import is_held_out
+from ..data.prompts import is_held_out
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..runs.io import atomic_write_text
 
 SOURCES = {"nontoxic": "rtp/nontoxic.jsonl", "toxic": "rtp/toxic.jsonl"}
 TRAIN_FILE = "train.jsonl"

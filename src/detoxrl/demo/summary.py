@@ -12,17 +12,27 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import DataError
 from ..evaluation.tables import CSS
-from ..io import atomic_write_json, atomic_write_text
-from ..run_folder import provenance
-from .settings import JUDGE
+from ..runs.io import atomic_write_json, atomic_write_text
+from ..runs.run_folder import provenance
+from .cache import StageResult
+from .settings import JUDGE, DemoConfig
 
-if TYPE_CHECKING:
-    from .pipeline import DemoRun
+
+@dataclass
+class DemoRun:
+    """A finished demo: its settings, folder, stage results and wall time."""
+
+    cfg: DemoConfig
+    root: Path
+    stages: list[StageResult]
+    wall_s: float
+
 
 SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"))
 TOXICITY = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")

@@ -43,7 +43,7 @@ def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from ..errors import DetoxError, ModelLoadError
-    from ..loading import load_config, load_pretrained, load_tokenizer
+    from ..models.loading import load_config, load_pretrained, load_tokenizer
 
     try:
         config = load_config(name)

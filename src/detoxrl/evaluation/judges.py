@@ -106,7 +106,7 @@ def _callable(spec: str) -> Judge:
 
 def _classifier(name: str, label: str | None, batch_size: int, device: Any,
                 spec: str) -> Judge:
-    from ..reward import ClassifierReward
+    from ..models.reward import ClassifierReward
 
     try:
         clf = ClassifierReward(name, label=_first_label(name), output="prob",
@@ -129,7 +129,7 @@ def _classifier(name: str, label: str | None, batch_size: int, device: Any,
 def _first_label(name: str) -> str:
     """Any label that exists, so the constructor's label check passes; the toxic label is
     chosen after loading, from the real names."""
-    from ..loading import load_config
+    from ..models.loading import load_config
 
     id2label = getattr(load_config(name), "id2label", None) or {0: "LABEL_0"}
     return id2label[min(id2label, key=int)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DetoxError
-from ..io import atomic_write_text
+from ..runs.io import atomic_write_text
 from .tables import CSS, html_table, read_rows
 
 CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),

@@ -52,7 +52,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DetoxError
-from ..io import atomic_write_json, atomic_write_text, to_jsonable
+from ..runs.io import atomic_write_json, atomic_write_text, to_jsonable
 from .sampling import Generations, generate_before_after
 from .scoring import REWARD_CLASSIFIER, protocol_summary, score_generations, scoring_jobs
 from .scoring import summarize as classic_summary
@@ -74,7 +74,7 @@ def load_classifiers(cfg: TrainConfig, opts: EvalOptions, device: torch.device,
                      toxicity: bool = True):
     """The run's reward classifier and, with ``toxicity``, the judges; toxicity is the
     probability of ``opts.toxic_label`` for the reward classifier."""
-    from ..reward import ClassifierReward
+    from ..models.reward import ClassifierReward
     from .judges import load_judge
 
     reward = ClassifierReward.from_config(cfg.reward, device=device)
@@ -117,7 +117,7 @@ def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[
 
 def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
     """Generate, score and summarise; write the output folder; return the summary."""
-    from ..preflight import default_cpu_threads
+    from ..runs.preflight import default_cpu_threads
     from .fluency import REFERENCE, load_fluency_model
 
     check_options(opts)
@@ -172,7 +172,7 @@ def write_evaluation(out_dir: Path, gen: Generations, scores: dict[str, list[flo
 def rebuild_report(out_dir: Path) -> Path | None:
     """Rebuild ``<run>/report.html`` and the model card ``<run>/README.md`` when results
     went to ``<run>/eval`` (where both read them)."""
-    from ..model_card import write_model_card
+    from .model_card import write_model_card
     from .report import build_report
 
     if out_dir.name != EVAL_DIR:

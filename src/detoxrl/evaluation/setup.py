@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..config import SamplingConfig, TrainConfig, load_config, to_dict
 from ..errors import ConfigError, DataError, ModelLoadError
-from ..io import check_writable, file_sha256
+from ..runs.io import check_writable, file_sha256
 
 EVAL_DIR = "eval"
 DEFAULT_MAX_NEW_TOKENS = 100  # the tutorial evaluated toxicity on 100-token responses
@@ -107,7 +107,7 @@ def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
 
 
 def check_options(opts: EvalOptions) -> None:
-    from ..reward import SCORE_ON
+    from ..models.reward import SCORE_ON
 
     for name in ("n", "batch_size", "max_new_tokens", "n_resamples", "samples_per_prompt"):
         value = getattr(opts, name)
@@ -191,7 +191,7 @@ def device_for(opts: EvalOptions) -> torch.device:
 
 def load_policy(target: Target, device: torch.device):
     """Base + trained adapter (frozen); ``policy.reference()`` gives the starting policy."""
-    from ..policy import Policy
+    from ..models.policy import Policy
 
     cfg = target.cfg
     # Evaluation needs no value head, whichever algorithm trained the adapter.
@@ -201,7 +201,7 @@ def load_policy(target: Target, device: torch.device):
 
 def held_out_prompts(cfg: TrainConfig, tokenizer):
     """The run's test split: the prompts training never saw."""
-    from ..data import build_prompts
+    from ..data.prompts import build_prompts
 
     # The run's own seed gives the same split as training, whatever --seed says.
     test = build_prompts(cfg.data, tokenizer, seed=cfg.seed).test
@@ -216,7 +216,7 @@ def file_prompts(cfg: TrainConfig, path: str, tokenizer):
     """Every prompt of ``path``, read with the run's recipe (``data.kind``, template,
     columns, length filter); no split, no row limit, and no ``toxicity_threshold`` (the
     file is the selection)."""
-    from ..data import build_prompts
+    from ..data.prompts import build_prompts
 
     data = dataclasses.replace(cfg.data, path=path, test_fraction=0.0, max_rows=None,
                                toxicity_threshold=None)

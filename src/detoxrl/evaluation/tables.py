@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_text
+from ..runs.io import atomic_write_text
 from .stats import as_array
 
 COLUMNS = ("query", "response_before", "response_after", "reward_before", "reward_after",

@@ -1,0 +1,398 @@
+"""The policy: an LM with a LoRA adapter and (PPO) a value head, for T5/BART and GPT/Llama.
+
+Every difference between encoder-decoder and decoder-only models lives in this module:
+the query goes to the encoder (seq2seq) or is concatenated before the response (causal),
+causal queries are left-padded with explicit position ids, and T5 decoders start from the
+decoder start token. Code elsewhere sees only ``Rollout`` tensors and per-token outputs.
+
+The reference model is this same network with the RL adapter switched off: the bare base
+for a fresh adapter, or the *starting* adapter (loaded a second time, frozen) when training
+continues an existing one. That costs one adapter of memory, not a second model, and avoids
+the trap of comparing against the bare base (huggingface/trl#1340).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..config import LoraSettings, ModelConfig, SamplingConfig
+from ..errors import ConfigError
+from .generation import SampledTokenStats, block_token, entropy_from_logits, response_mask, sample
+from .loading import (
+    adapter_errors,
+    ensure_pad_token,
+    freeze_dropout,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    resolve_adapter,
+    resolve_dtype,
+)
+from .rollout import Rollout
+
+DEFAULT_TARGETS = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "falcon": ["query_key_value"],
+}
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """A linear value estimate from the last hidden state; kept in fp32 for stable targets."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:                 # (B, T, H) -> (B, T)
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+class PolicyOutput(NamedTuple):
+    """A tuple, so that DeepSpeed ZeRO-3 sees its tensors and hooks their backward."""
+
+    logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
+    values: Tensor | None         # (B, T) value before each response token
+    entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
+
+
+def default_lora(model_type: str, is_seq2seq: bool, lora: LoraSettings):
+    """A peft ``LoraConfig`` with the tutorial's T5 defaults and per-architecture targets."""
+    from peft import LoraConfig, TaskType
+
+    targets = lora.target_modules or DEFAULT_TARGETS.get(model_type, ["q_proj", "v_proj"])
+    r = lora.r or (32 if model_type in ("t5", "mt5", "umt5") else 16)
+    return LoraConfig(r=r, lora_alpha=lora.alpha or r, lora_dropout=lora.dropout,
+                      target_modules=targets, bias="none",
+                      task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
+
+
+class Policy(nn.Module):
+    """LoRA-adapted LM (+ value head for PPO). ``forward`` scores responses; ``generate``
+    samples them. Critic-free algorithms build it with ``value_head=False``: no head is
+    built, trained or saved."""
+
+    def __init__(self, peft_model: nn.Module, tokenizer, has_reference_adapter: bool,
+                 value_head: bool = True):
+        super().__init__()
+        self.model = peft_model
+        self.tokenizer = tokenizer
+        config = peft_model.get_base_model().config
+        self.is_seq2seq = bool(config.is_encoder_decoder)
+        hidden_size = config.get_text_config().hidden_size
+        self.value_head = ValueHead(hidden_size) if value_head else None
+        self.has_reference_adapter = has_reference_adapter
+        forward_params = inspect.signature(peft_model.get_base_model().forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_params
+        self._checkpointed_layers: list[nn.Module] = []
+        freeze_dropout(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, base: nn.Module, tokenizer, lora: LoraSettings | None = None,
+                   adapter: str | None = None, trained_adapter: str | None = None,
+                   trainable: bool = True, value_head: bool = True) -> Policy:
+        """Wrap ``base`` with the RL adapter ("default") and, if needed, a reference adapter.
+
+        - fresh: a new LoRA from ``lora``; reference = adapters off.
+        - ``adapter``: continue it (trainable); reference = the same adapter, frozen.
+        - ``trained_adapter``: load a trained RL adapter; reference = ``adapter`` or base.
+        """
+        from peft import PeftModel, get_peft_model
+
+        config = base.config
+        if tokenizer is not None:  # a bare network (parameter counts) needs none
+            ensure_pad_token(tokenizer, base)
+        start = trained_adapter or adapter
+        if start is None:
+            # ``lora``: our settings, or a ready ``peft.LoraConfig`` used as it is.
+            peft_config = lora if hasattr(lora, "peft_type") else default_lora(
+                config.model_type, config.is_encoder_decoder, lora or LoraSettings())
+            model = get_peft_model(base, peft_config)
+        else:
+            with adapter_errors(start):
+                model = PeftModel.from_pretrained(base, resolve_adapter(start),
+                                                  is_trainable=trainable)
+        if adapter is not None:
+            with adapter_errors(adapter):
+                model.load_adapter(resolve_adapter(adapter), adapter_name="reference",
+                                   is_trainable=False)
+            model.set_adapter("default")
+        if not trainable:
+            model.requires_grad_(False)
+        policy = cls(model, tokenizer, has_reference_adapter=adapter is not None,
+                     value_head=value_head)
+        if policy.value_head is not None:
+            policy.value_head.requires_grad_(trainable)
+        return policy
+
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, lora: LoraSettings | None = None,
+                        trained_adapter: str | None = None, trainable: bool = True,
+                        device: torch.device | str = "cpu", value_head: bool = True) -> Policy:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        device = torch.device(device)
+        for path in (cfg.adapter, trained_adapter):  # fail before loading the base weights
+            if path is not None:
+                resolve_adapter(path)
+        hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
+        auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+        if trained_adapter is None and cfg.adapter is None:  # a fresh LoRA: targets must exist
+            from .loading import check_lora_targets
+
+            check_lora_targets(auto_cls, hf_config, _lora_targets(hf_config, lora),
+                               cfg.trust_remote_code)
+        base = load_pretrained(auto_cls, cfg.name_or_path, dtype=dtype, revision=cfg.revision,
+                               trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        ensure_pad_token(tokenizer, base)
+        policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable,
+                                value_head)
+        if cfg.gradient_checkpointing and trainable:
+            policy.enable_gradient_checkpointing()
+        return policy.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each layer's input for the backward pass; recompute the rest there.
+
+        transformers checkpoints a layer only while that layer is in training mode, and RL
+        keeps the network in eval mode (no dropout). So only the layer containers are marked
+        as training, just before each forward; the dropout and attention modules inside them
+        stay in eval mode and every number is unchanged.
+        """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.model.get_base_model()
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not getattr(base, "supports_gradient_checkpointing", False) or not layers:
+            raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing "
+                              "here; set model.gradient_checkpointing to false.")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointed_layers = layers
+
+    # ------------------------------------------------------------------ reference
+    @contextmanager
+    def reference(self):
+        """Within this block the network computes the reference policy (the starting one).
+
+        The reference is frozen inside the block and every ``requires_grad`` flag is put back
+        on exit: peft's adapter switches reset them (``set_adapter`` makes the adapter it
+        activates trainable, and re-enabling adapters makes "default" trainable), which would
+        otherwise unfreeze a policy built with ``trainable=False``.
+        """
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            if self.has_reference_adapter:
+                self.model.set_adapter("reference")
+                try:
+                    self.model.requires_grad_(False)
+                    yield self
+                finally:
+                    self.model.set_adapter("default")
+            else:
+                with self.model.disable_adapter():
+                    yield self
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                response_mask: Tensor, temperature: float = 1.0, with_values: bool = True,
+                with_entropy: bool = False, encoder_hidden: Tensor | None = None,
+                eos_blocked: int = 0) -> PolicyOutput:
+        """Per-token log-probs (and values, entropy) of ``response_ids`` given the queries.
+
+        Shapes: queries (B, Q), responses (B, T); every output is (B, T). Positions outside
+        ``response_mask`` hold finite but meaningless numbers; callers mask them.
+        ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
+        under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
+        """
+        with self._checkpointing():
+            if self.is_seq2seq:
+                logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
+                                                      response_mask, encoder_hidden)
+            else:
+                logits, hidden = self._causal_logits(query_ids, query_mask, response_ids,
+                                                     response_mask)
+        logits = logits.float()                                             # (B, T, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        # The distribution generate sampled from: EOS blocked at the first positions.
+        logits = block_token(logits, self.tokenizer.eos_token_id, eos_blocked)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        if with_values and self.value_head is None:
+            raise ValueError("This policy has no value head (built with value_head=False); "
+                             "call it with with_values=False.")
+        values = self.value_head(hidden) if with_values else None
+        entropy = None
+        if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits)
+        return PolicyOutput(token_logprobs, values, entropy)
+
+    @contextmanager
+    def _checkpointing(self):
+        """Mark the checkpointed layers as training for one forward (see above).
+
+        The backward pass replays the layers' inner forward, which reads no flag, so the
+        flags can go back at once and nothing else (generation) ever sees them set.
+        """
+        for layer in self._checkpointed_layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in self._checkpointed_layers:
+                layer.training = False
+
+    def _seq2seq_logits(self, query_ids, query_mask, response_ids, response_mask,
+                        encoder_hidden=None):
+        # Teacher forcing: the decoder sees [start] + response[:-1], so position t predicts
+        # response token t, the first token included (TRL-classic never scored it).
+        start = self.model.get_base_model().config.decoder_start_token_id
+        start_col = torch.full_like(response_ids[:, :1], start)
+        decoder_ids = torch.cat([start_col, response_ids[:, :-1]], dim=1)               # (B, T)
+        decoder_mask = torch.cat([torch.ones_like(start_col), response_mask[:, :-1]], dim=1)
+        encoder_outputs = None if encoder_hidden is None else (encoder_hidden,)
+        out = self.model(input_ids=query_ids, attention_mask=query_mask,
+                         encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids,
+                         decoder_attention_mask=decoder_mask, output_hidden_states=True,
+                         use_cache=False)
+        return out.logits, out.decoder_hidden_states[-1]
+
+    def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
+        # Queries are left-padded, so position ids count real tokens only; otherwise a
+        # prompt's positions (and log-probs) would depend on the longest prompt in the batch.
+        input_ids = torch.cat([query_ids, response_ids], dim=1)                         # (B, Q+T)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        q, t = query_ids.shape[1], response_ids.shape[1]
+        # The lm_head is the costliest layer per position; only the last t + 1 are needed.
+        keep = {"logits_to_keep": t + 1} if self._accepts_logits_to_keep else {}
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         output_hidden_states=True, use_cache=False, **keep)
+        logits = out.logits[:, -(t + 1):]                                             # (B, T+1, V)
+        # The state at position i predicts token i + 1: response token j comes from q - 1 + j.
+        return logits[:, :t], out.hidden_states[-1][:, q - 1:q - 1 + t]
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def padding_side(self) -> str:
+        """How queries are padded: left for causal LMs (they generate at the right edge)."""
+        return "right" if self.is_seq2seq else "left"
+
+    @torch.no_grad()
+    def generate(self, query_ids: Tensor, query_mask: Tensor, sampling: SamplingConfig,
+                 limits: list[int] | None = None, queries: list[str] | None = None,
+                 synced_gpus: bool = False, num_return_sequences: int = 1,
+                 with_logprobs: bool = False, with_values: bool = False) -> Rollout:
+        """One batched ``generate`` to the largest per-sample limit, each cut at its own.
+
+        With ``num_return_sequences=K`` every prompt is answered K times in the same call:
+        the rollout has B * K rows, prompt i's samples at rows i*K .. i*K + K-1, and
+        ``limits`` (one per prompt) and ``queries`` are repeated to match. The seq2seq
+        encoder still runs once per prompt.
+
+        ``with_logprobs``: ``Rollout.logprobs`` holds each sampled token's log-prob at
+        ``sampling.temperature``, read while sampling (``SampledTokenStats``), and
+        ``with_values`` adds ``Rollout.values`` from the same pass: what ``forward`` would
+        give, up to float rounding, without a second pass. The encoder output, kept
+        otherwise for that pass, is then dropped.
+        """
+        if limits is None:
+            limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
+        k = num_return_sequences
+        if k < 1:
+            raise ConfigError(f"num_return_sequences must be at least 1, got {k}.")
+        if with_values and (self.value_head is None or not with_logprobs):
+            raise ValueError("with_values needs with_logprobs and a policy with a value head.")
+        tok = self.tokenizer
+        encoder_hidden, extra = None, {}
+        if self.is_seq2seq:  # run the encoder here so that the old log-probs can reuse it
+            from transformers.modeling_outputs import BaseModelOutput
+
+            encoder_hidden = self.model.get_encoder()(
+                input_ids=query_ids, attention_mask=query_mask).last_hidden_state  # (B, Q, H)
+            encoder_hidden = encoder_hidden.repeat_interleave(k, dim=0)          # (B*K, Q, H)
+            extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
+        if k > 1:
+            query_ids = query_ids.repeat_interleave(k, dim=0)                    # (B*K, Q)
+            query_mask = query_mask.repeat_interleave(k, dim=0)
+            limits = [n for n in limits for _ in range(k)]
+            if queries is not None:
+                queries = [q for q in queries for _ in range(k)]
+        eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
+        stats = (self._token_stats(sampling, with_values, eos_blocked) if with_logprobs
+                 else None)
+        sequences = sample(self.model, self.tokenizer, query_ids, query_mask, sampling,
+                           limits, stats, synced_gpus=synced_gpus, **extra)
+        # Seq2seq output starts with the decoder start token; causal output with the query.
+        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
+        limit_t = torch.tensor(limits, device=response.device)
+        mask, ended = response_mask(response, limit_t, tok.eos_token_id)
+        response = torch.where(mask.bool(), response, tok.pad_token_id)
+        if queries is None:
+            queries = tok.batch_decode(query_ids, skip_special_tokens=True)
+        read = {"encoder_hidden": encoder_hidden}
+        if stats is not None:
+            logprobs, hidden = stats.result(response.shape[1])                  # (B, T), (B, T, H)
+            read = {"logprobs": logprobs * mask,
+                    "values": None if hidden is None else self.value_head(hidden) * mask}
+        return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
+                       response_mask=mask, queries=list(queries),
+                       responses=tok.batch_decode(response, skip_special_tokens=True),
+                       ended_with_eos=ended, eos_blocked=eos_blocked, **read).trim()
+
+    def _token_stats(self, sampling: SamplingConfig, with_values: bool,
+                     eos_blocked: int) -> SampledTokenStats:
+        base = self.model.get_base_model()
+        return SampledTokenStats(base.get_output_embeddings(),
+                                 base.get_decoder() if with_values else None,
+                                 sampling.temperature, self.tokenizer.eos_token_id, eos_blocked)
+
+    # ------------------------------------------------------------------ parameters, saving
+    def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:
+        """(trainable, total, percent), as the tutorial prints them."""
+        params = list(self.parameters() if include_value_head else self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        return trainable, total, 100.0 * trainable / total
+
+    def save(self, out_dir: str | Path) -> None:
+        """The RL adapter in peft format and the value head (if any) as safetensors."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out, selected_adapters=["default"])
+        if self.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in
+                       self.value_head.state_dict().items()}, out / VALUE_HEAD_FILE)
+
+    def load_trained(self, adapter_dir: str | Path) -> None:
+        """Load adapter and value-head weights written by :meth:`save` (for resuming)."""
+        from peft import set_peft_model_state_dict
+
+        adapter_dir = Path(adapter_dir)
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        set_peft_model_state_dict(self.model, weights, adapter_name="default")
+        head = adapter_dir / VALUE_HEAD_FILE
+        if head.exists() and self.value_head is not None:
+            self.value_head.load_state_dict(load_file(head))
+
+
+def _lora_targets(hf_config, lora):
+    if hasattr(lora, "peft_type"):
+        return lora.target_modules
+    return default_lora(hf_config.model_type, hf_config.is_encoder_decoder,
+                        lora or LoraSettings()).target_modules
