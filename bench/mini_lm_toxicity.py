@@ -41,7 +41,7 @@ def held_out_prompts(data_dir: Path, limit: int | None = None) -> list[str]:
 def sample_continuations(model_dir: str, prompts: list[str], k: int, top_p: float,
                          new_tokens: int, batch_prompts: int, seed: int) -> list[list[str]]:
     from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
-    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     # A fresh LoRA adapter starts at zero: the policy computes exactly the base model.

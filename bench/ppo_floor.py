@@ -53,7 +53,7 @@ class FloorRunner:
         return counts
 
     def step(self, prompts: dict, new_tokens: int, seed: int) -> dict:
-        from detoxrl.data.prompts import collate_queries
+        from detoxrl.models.generation import collate_queries
 
         ids, mask = collate_queries(prompts["input_ids"], self.tokenizer.pad_token_id,
                                     self.side)

@@ -130,7 +130,7 @@ class DetoxRunner:
                 "reward": param_counts(self.reward.model)["total"]}
 
     def step(self, prompts: dict, new_tokens: int, seed: int) -> dict:
-        from detoxrl.data.prompts import collate_queries
+        from detoxrl.models.generation import collate_queries
 
         trainer = self.trainer
         full_cfg = trainer.cfg

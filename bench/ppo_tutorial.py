@@ -98,7 +98,7 @@ class TutorialRunner:
 
     def _rollout(self, prompts: dict, responses: list[torch.Tensor], texts: list[str],
                  scores: torch.Tensor):
-        from detoxrl.data.prompts import collate_queries
+        from detoxrl.models.generation import collate_queries
         from detoxrl.models.rollout import Rollout
 
         side = "right" if self.spec["is_seq2seq"] else "left"

@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     torch.set_num_threads(1)

@@ -142,7 +142,8 @@ def test_config_names_validation_and_renames(tmp_path):
 
 def _forbidden_tokens(cfg) -> tuple[set[int], object]:
     """The most frequent tokens of the start policy's samples, covering half of them."""
-    from detoxrl.data.prompts import build_prompts, collate_queries
+    from detoxrl.data.prompts import build_prompts
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(cfg.model, cfg.lora, value_head=False)

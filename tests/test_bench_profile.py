@@ -21,7 +21,7 @@ def test_table_attributes_samples_by_phase_and_call_site(tmp_path):
         stack("rollout", f"forward ({model}:3)") + " 10",
         stack("forward_old_and_ref", f"forward ({model}:4)") + " 10",
         stack("ppo_epochs", "backward (torch/_tensor.py:5)", f"forward ({model}:2)") + " 20",
-        stack("score", "ClassifierReward.__call__ (detoxrl/reward.py:7)") + " 30",
+        stack("score", "ClassifierReward.__call__ (detoxrl/models/reward.py:7)") + " 30",
         f"<module> (ppo_profile.py:1);setup (ppo_modes.py:3);forward ({model}:2) 99",
     ])
     path = tmp_path / "raw.txt"

@@ -1,14 +1,27 @@
-"""bench/ppo_step.py still runs: tiny shape, one short warm-up and one measured step."""
+"""Every bench script still imports, and bench/ppo_step.py still runs (tiny shape, one short
+warm-up and one measured step)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ppo_step.py"
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "ppo_step.py"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_every_bench_script_imports(name, monkeypatch):
+    # The scripts import each other by file name, as they do when run from bench/.
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module(name)
+    assert Path(module.__file__).resolve() == BENCH / f"{name}.py"
 
 
 def test_ppo_step_bench_runs_on_tiny(tmp_path):

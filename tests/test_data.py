@@ -12,8 +12,9 @@ import torch
 
 from detoxrl import cli
 from detoxrl.config import DataConfig
-from detoxrl.data.prompts import build_prompts, collate_queries, load_rows
+from detoxrl.data.prompts import build_prompts, load_rows
 from detoxrl.models import tiny
+from detoxrl.models.generation import collate_queries
 
 OPEN_RANGE = {"min_chars": 0, "max_chars": 10**6}  # keep every row
 

@@ -56,7 +56,8 @@ def slow_distinct(samples, n):
 def test_toxicity_measures_by_hand():
     assert P.expected_max_toxicity(SCORES) == pytest.approx((0.7 + 0.49 + 0.5 + 0.99) / 4)
     assert P.toxicity_probability(SCORES) == pytest.approx(3 / 4)  # 0.49 is not toxic
-    assert P.average_toxicity(SCORES) == pytest.approx(SCORES.sum() / 12)
+    average = P.per_prompt_toxicity(SCORES)["average_toxicity"].mean()  # as measures() takes it
+    assert average == pytest.approx(SCORES.sum() / 12)
 
 
 def test_toxicity_measures_match_slow_loops_on_random_matrices():
@@ -66,7 +67,8 @@ def test_toxicity_measures_match_slow_loops_on_random_matrices():
         assert P.expected_max_toxicity(m) == pytest.approx(slow_expected_max(m))
         assert P.toxicity_probability(m) == pytest.approx(slow_probability(m))
         assert P.toxicity_probability(m, 0.8) == pytest.approx(slow_probability(m, 0.8))
-        assert P.average_toxicity(m) == pytest.approx(slow_average(m))
+        assert P.per_prompt_toxicity(m)["average_toxicity"].mean() == pytest.approx(
+            slow_average(m))
     # A flat list is cut into rows of K, prompt i's samples at i*K .. i*K + K-1.
     assert P.as_matrix(SCORES.reshape(-1).tolist(), 3).tolist() == SCORES.tolist()
     with pytest.raises(ValueError, match="rows of 5"):
@@ -198,8 +200,8 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
     """The default fluency: exp(-mean log p_ref) of the sampled token ids, one row at a time
     through the bare base model (no padding, no adapter) as the slow reference."""
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data.prompts import collate_queries
     from detoxrl.evaluation.sampling import perplexity, reference_logprobs
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(

@@ -22,10 +22,10 @@ import torch
 from detoxrl.cli import main
 from detoxrl.commands.evaluate import split_run_dir
 from detoxrl.config import load_config
-from detoxrl.data.prompts import collate_queries
 from detoxrl.errors import ConfigError
 from detoxrl.evaluation.stats import IMPROVED, NO_CHANGE, WORSE
 from detoxrl.models import tiny
+from detoxrl.models.generation import collate_queries
 from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,9 +144,9 @@ def test_greedy_ignores_the_seed(run_dir, cache):
 def test_kl_from_sampled_logprobs_equals_the_forward_pass(run_dir, cache):
     """The evaluation reads the trained policy's log-probs while sampling instead of a
     forward pass; the KL per response is the same either way."""
-    from detoxrl.data.prompts import collate_queries
     from detoxrl.evaluation import setup
     from detoxrl.evaluation.sampling import reference_logprobs, sequence_kl
+    from detoxrl.models.generation import collate_queries
 
     tgt = setup.resolve_target(str(run_dir), None, None)
     dec = setup.eval_sampling(tgt.cfg, setup.EvalOptions(max_new_tokens=MAX_NEW))

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from detoxrl.config import ModelConfig, SamplingConfig
-from detoxrl.data.prompts import collate_queries
-from detoxrl.models.generation import NucleusFilter, draw_lengths, response_mask
+from detoxrl.models.generation import NucleusFilter, collate_queries, draw_lengths, response_mask
 from detoxrl.models.policy import Policy
 from detoxrl.models.rollout import Rollout
 

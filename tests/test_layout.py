@@ -14,6 +14,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 MAX_TOP_LEVEL, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 14, 400, 60
+# Each part of detoxrl imports only from parts of a lower layer or its own (the package
+# docstrings say the same). ``detoxrl`` itself holds the version and lazy exports only.
+LAYERS = [("detoxrl", "detoxrl.errors"), ("detoxrl.config",), ("detoxrl.runs",),
+          ("detoxrl.models",), ("detoxrl.data",), ("detoxrl.evaluation",),
+          ("detoxrl.rl", "detoxrl.supervised"), ("detoxrl.demo",), ("detoxrl.commands",),
+          ("detoxrl.cli",), ("detoxrl.__main__",)]
 
 
 def module_names(root: Path, package: str | None) -> dict[str, Path]:
@@ -92,9 +98,25 @@ def test_no_import_cycle_in_src():
 
 def test_no_import_cycle_in_bench():
     # The scripts import each other by file name (bench/ is on sys.path when they run).
-    graph = {name: deps for name, deps in import_graph(BENCH, None).items()}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph(BENCH, None))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def layer(module: str) -> int:
+    """The layer of a module: that of the longest part of LAYERS it falls under."""
+    best, found = "", None
+    for index, parts in enumerate(LAYERS):
+        for part in parts:
+            if (module == part or module.startswith(part + ".")) and len(part) > len(best):
+                best, found = part, index
+    assert found is not None, f"{module} is in no layer of tests/test_layout.py"
+    return found
+
+
+def test_packages_import_only_lower_layers():
+    upward = [f"{name} -> {dep}" for name, deps in import_graph(SRC / "detoxrl", "detoxrl").items()
+              for dep in deps if layer(dep) > layer(name)]
+    assert not upward, upward
 
 
 @pytest.mark.parametrize("code,cycle", [

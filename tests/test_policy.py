@@ -20,8 +20,8 @@ from transformers import (
 )
 
 from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
-from detoxrl.data.prompts import collate_queries
 from detoxrl.errors import ConfigError, ModelLoadError
+from detoxrl.models.generation import collate_queries
 from detoxrl.models.loading import resolve_dtype
 from detoxrl.models.policy import VALUE_HEAD_FILE, Policy, default_lora
 from detoxrl.models.tiny import untie_lm_head

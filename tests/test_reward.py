@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from detoxrl.config import RewardConfig
 from detoxrl.errors import ConfigError, ModelLoadError
-from detoxrl.models.reward import ClassifierReward, compute_rewards
+from detoxrl.models.reward import ClassifierReward, RewardSet
 
 PROMPTS = ["Summarize the following conversation.\n\n#Person1#: Hi.\n\nSummary:\n"] * 4
 RESPONSES = ["They talk about the weather.", "I can't stand the meeting any more.",
@@ -138,11 +138,11 @@ def test_any_callable_is_a_reward(reward):
         return [float(len(r.split())) for r in responses]
 
     for fn in (length_reward, lambda p, r: torch.zeros(len(r)), reward):
-        scores = compute_rewards(fn, PROMPTS, RESPONSES)
+        scores = RewardSet([fn])(PROMPTS, RESPONSES)  # what the learner calls
         assert scores.shape == (4,) and scores.dtype == torch.float32
-    assert compute_rewards(length_reward, PROMPTS, RESPONSES).tolist() == [5.0, 7.0, 9.0, 3.0]
+    assert RewardSet([length_reward])(PROMPTS, RESPONSES).tolist() == [5.0, 7.0, 9.0, 3.0]
     with pytest.raises(ValueError, match="one score per completion"):
-        compute_rewards(lambda p, r: torch.zeros(len(r), 2), PROMPTS, RESPONSES)
+        RewardSet([lambda p, r: torch.zeros(len(r), 2)])(PROMPTS, RESPONSES)
 
 
 def test_from_config_and_load_errors(tiny_classifier_path, tmp_path):

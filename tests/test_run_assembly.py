@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from detoxrl.config import load_config
-from detoxrl.data.prompts import build_prompts, collate_queries
+from detoxrl.data.prompts import build_prompts
+from detoxrl.models.generation import collate_queries
 from detoxrl.models.reward import ClassifierReward
 from detoxrl.rl import assembly
 from detoxrl.rl.distributed import make_accelerator

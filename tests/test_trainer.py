@@ -101,7 +101,7 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
     from accelerate import Accelerator
 
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data.prompts import collate_queries
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
     from detoxrl.rl.learner import Learner
 
@@ -149,7 +149,8 @@ def test_ppo_halves_forbidden_token_share(tmp_path):
     The set is the most frequent tokens of the initial policy's samples, covering half of
     them, so the policy starts out emitting them about 50% of the time.
     """
-    from detoxrl.data.prompts import build_prompts, collate_queries
+    from detoxrl.data.prompts import build_prompts
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     learn = ["--generation.min_new_tokens_draw", "12", "--generation.max_new_tokens_draw", "12",

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from ..runs.io import check_writable
 
         check_writable(args.output, "--output")
-    if args.tokenizer:
+    if args.tokenizer:  # commands/data's own load_tokenizer resolves tiny: names
         tokenizer = load_tokenizer(args.tokenizer)
     else:
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision)

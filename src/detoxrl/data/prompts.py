@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import torch
 from datasets import Dataset, Features, Sequence, Value
-from torch import Tensor
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
@@ -369,23 +367,3 @@ def is_held_out(text: str, fraction: float = 0.2) -> bool:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}.")
     digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
     return digest < fraction * 2**64
-
-
-def collate_queries(input_ids: list[list[int]], pad_token_id: int, padding_side: str
-                    ) -> tuple[Tensor, Tensor]:
-    """Pad token id lists into ``(ids, mask)``, both ``(B, Q)`` long tensors.
-
-    Causal policies want ``"left"`` padding (generation continues from the right edge),
-    seq2seq encoders ``"right"``.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max((len(seq) for seq in input_ids), default=0)
-    ids = torch.full((len(input_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(input_ids):
-        start = width - len(seq) if padding_side == "left" else 0
-        ids[row, start:start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, start:start + len(seq)] = 1
-    return ids, mask
-

@@ -43,13 +43,15 @@ def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from ..errors import DetoxError, ModelLoadError
+    from ..models import tiny
     from ..models.loading import load_config, load_pretrained, load_tokenizer
 
     try:
-        config = load_config(name)
+        source = tiny.resolve(name)
+        config = load_config(source)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = load_pretrained(auto, name, dtype=torch.float32)
-        tokenizer = load_tokenizer(name)
+        model = load_pretrained(auto, source, dtype=torch.float32)
+        tokenizer = load_tokenizer(source)
     except (DetoxError, KeyError) as exc:
         raise ModelLoadError(f"Cannot load the fluency model {name!r}: {exc} --fluency-model "
                              "takes a causal LM or a seq2seq model (Hub id or folder); leave "

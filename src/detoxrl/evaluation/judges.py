@@ -129,7 +129,8 @@ def _classifier(name: str, label: str | None, batch_size: int, device: Any,
 def _first_label(name: str) -> str:
     """Any label that exists, so the constructor's label check passes; the toxic label is
     chosen after loading, from the real names."""
+    from ..models import tiny
     from ..models.loading import load_config
 
-    id2label = getattr(load_config(name), "id2label", None) or {0: "LABEL_0"}
+    id2label = getattr(load_config(tiny.resolve(name)), "id2label", None) or {0: "LABEL_0"}
     return id2label[min(id2label, key=int)]

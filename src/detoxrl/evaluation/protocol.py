@@ -83,10 +83,6 @@ def toxicity_probability(scores: Any, threshold: float = TOXIC_THRESHOLD) -> flo
     return float(any_toxic_per_prompt(scores, threshold).mean())
 
 
-def average_toxicity(scores: Any) -> float:
-    return float(mean_per_prompt(scores).mean())
-
-
 def distinct_n_per_prompt(samples: Sequence[Sequence[str]], n: int) -> np.ndarray:
     """``(n_prompts,)``: unique / all n-grams over each prompt's samples."""
     if n < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from typing import Any
 
 COLUMNS = (("expected_max_toxicity", "Exp. max tox."), ("toxicity_probability", "Tox. prob."),
@@ -97,11 +98,22 @@ def html_tables(protocol: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _change_cell(m: dict[str, Any]) -> str:
-    verdict = str(m.get("verdict", ""))
+def change_cell(change: Any, low: Any, high: Any, number: Callable[[Any], str] = _signed,
+                verdict: Any = None) -> str:
+    """A change and its confidence interval, ``+0.0123 [-0.0010, +0.0250]``; given a
+    ``verdict``, an HTML cell with the verdict coloured. The one formatter of such cells
+    (protocol tables, model card, report)."""
+    text = f"{number(change)} [{number(low)}, {number(high)}]"
+    if verdict is None:
+        return text
+    verdict = str(verdict)
     css = {"improved": ' class="improved"', "worse": ' class="worse"'}.get(verdict, "")
-    return (f"{_signed(m.get('change'))} [{_signed(m.get('ci_low'))}, "
-            f"{_signed(m.get('ci_high'))}] <span{css}>{html.escape(verdict)}</span>")
+    return f"{text} <span{css}>{html.escape(verdict)}</span>"
+
+
+def _change_cell(m: dict[str, Any]) -> str:
+    return change_cell(m.get("change"), m.get("ci_low"), m.get("ci_high"),
+                       verdict=m.get("verdict", ""))
 
 
 def markdown_tables(protocol: dict[str, Any]) -> str:
@@ -115,8 +127,7 @@ def markdown_tables(protocol: dict[str, Any]) -> str:
             rows.append(f"| {label} | " + " | ".join(
                 _num(cols.get(k, {}).get(row)) for k, _ in COLUMNS) + " |")
         rows.append("| change [95% CI] | " + " | ".join(
-            f"{_signed(m.get('change'))} [{_signed(m.get('ci_low'))}, "
-            f"{_signed(m.get('ci_high'))}]" for m in (cols.get(k, {}) for k, _ in COLUMNS))
-            + " |")
+            change_cell(m.get("change"), m.get("ci_low"), m.get("ci_high"))
+            for m in (cols.get(k, {}) for k, _ in COLUMNS)) + " |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"

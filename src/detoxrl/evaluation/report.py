@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import DetoxError
 from ..runs.io import atomic_write_text
+from .protocol_table import change_cell, html_tables
 from .tables import CSS, html_table, read_rows
 
 CURVES = (("env/reward_mean", "Reward (mean)"), ("objective/kl", "KL to reference"),
@@ -214,8 +215,6 @@ def _summary_html(summary: dict[str, Any]) -> str:
               f"Toxic label: {_fmt(summary.get('toxic_label'))}.</p>")
     parts = [header, _settings_html(summary.get("settings"))]
     if summary.get("protocol"):
-        from .protocol_table import html_tables
-
         parts += ["<h3>Detoxification measures (RealToxicityPrompts protocol)</h3>",
                   html_tables(summary["protocol"]), "<h3>Per-prompt statistics</h3>"]
     parts.append(_metrics_table(summary.get("metrics") or {}))
@@ -245,10 +244,8 @@ def _settings_html(settings: Any) -> str:
 
 
 def _interval(boot: dict[str, Any]) -> str:
-    verdict = str(boot.get("verdict", ""))
-    css = {"improved": ' class="improved"', "worse": ' class="worse"'}.get(verdict, "")
-    return (f"{_fmt(boot.get('observed'))} [{_fmt(boot.get('ci_low'))}, "
-            f"{_fmt(boot.get('ci_high'))}] <span{css}>{html.escape(verdict)}</span>")
+    return change_cell(boot.get("observed"), boot.get("ci_low"), boot.get("ci_high"), _fmt,
+                       verdict=boot.get("verdict", ""))
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:

@@ -57,7 +57,7 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
     """
     from tqdm.auto import tqdm
 
-    from ..data.prompts import collate_queries
+    from ..models.generation import collate_queries
 
     k = samples_per_prompt
     device = next(policy.parameters()).device

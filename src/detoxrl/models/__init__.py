@@ -5,5 +5,5 @@
 ``from_pretrained`` with clear errors; ``generation`` the sampling helpers; ``rollout`` the
 sampled batch (:class:`~detoxrl.models.rollout.Rollout`); ``tiny`` the offline test
 models; ``inference`` the public ``generate``. Imports ``detoxrl.errors``,
-``detoxrl.config``, ``detoxrl.runs`` and, for ``generate``'s prompts, ``detoxrl.data``.
+``detoxrl.config`` and ``detoxrl.runs``.
 """

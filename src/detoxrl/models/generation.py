@@ -212,3 +212,22 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     logits = logits.clamp(min=torch.finfo(logits.dtype).min)
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def collate_queries(input_ids: list[list[int]], pad_token_id: int, padding_side: str
+                    ) -> tuple[Tensor, Tensor]:
+    """Pad token id lists into ``(ids, mask)``, both ``(B, Q)`` long tensors.
+
+    Causal policies want ``"left"`` padding (generation continues from the right edge),
+    seq2seq encoders ``"right"``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max((len(seq) for seq in input_ids), default=0)
+    ids = torch.full((len(input_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(input_ids):
+        start = width - len(seq) if padding_side == "left" else 0
+        ids[row, start:start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, start:start + len(seq)] = 1
+    return ids, mask

@@ -47,7 +47,7 @@ def generate(run_dir: str | Path, prompts: list[str], which: str = "trained",
     import torch
 
     from ..config import SamplingConfig
-    from ..data.prompts import collate_queries
+    from .generation import collate_queries
 
     if which not in WHICH:
         raise DetoxError(f"--with is {which!r}; choose one of {', '.join(WHICH)}.")

@@ -1,7 +1,8 @@
 """Loading pretrained models and tokenizers with clear errors, and choosing dtypes.
 
-Everything goes through ``from_pretrained`` with a Hub id or a local folder; ``tiny:NAME``
-resolves to a locally built tiny model. ``trust_remote_code`` stays off unless asked for.
+Everything goes through ``from_pretrained`` with a Hub id or a local folder: a ``tiny:NAME``
+is resolved by the caller, once per loaded object (``detoxrl.models.tiny.resolve``).
+``trust_remote_code`` stays off unless asked for.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from . import tiny
 
 _FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
 
@@ -49,9 +49,8 @@ def _hub_hint(name: str) -> str:
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    path = tiny.resolve(name)
     try:
-        return AutoConfig.from_pretrained(path, revision=revision,
+        return AutoConfig.from_pretrained(name, revision=revision,
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
@@ -61,7 +60,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(tiny.resolve(name), revision=revision,
+        return AutoTokenizer.from_pretrained(name, revision=revision,
                                              trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
@@ -70,7 +69,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 def load_pretrained(auto_cls, name: str, **kwargs):
     """``auto_cls.from_pretrained`` with the Hub/local-path hint on failure."""
     try:
-        return auto_cls.from_pretrained(tiny.resolve(name), **kwargs)
+        return auto_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
 

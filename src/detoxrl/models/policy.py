@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..config import LoraSettings, ModelConfig, SamplingConfig
 from ..errors import ConfigError
+from . import tiny
 from .generation import SampledTokenStats, block_token, entropy_from_logits, response_mask, sample
 from .loading import (
     adapter_errors,
@@ -145,7 +146,8 @@ class Policy(nn.Module):
         for path in (cfg.adapter, trained_adapter):  # fail before loading the base weights
             if path is not None:
                 resolve_adapter(path)
-        hf_config = load_config(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        source = tiny.resolve(cfg.name_or_path)  # the one resolution of the policy's name
+        hf_config = load_config(source, cfg.revision, cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, hf_config.model_type, device)
         auto_cls = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
         if trained_adapter is None and cfg.adapter is None:  # a fresh LoRA: targets must exist
@@ -153,9 +155,9 @@ class Policy(nn.Module):
 
             check_lora_targets(auto_cls, hf_config, _lora_targets(hf_config, lora),
                                cfg.trust_remote_code)
-        base = load_pretrained(auto_cls, cfg.name_or_path, dtype=dtype, revision=cfg.revision,
+        base = load_pretrained(auto_cls, source, dtype=dtype, revision=cfg.revision,
                                trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(source, cfg.revision, cfg.trust_remote_code)
         ensure_pad_token(tokenizer, base)
         policy = cls.from_model(base, tokenizer, lora, cfg.adapter, trained_adapter, trainable,
                                 value_head)

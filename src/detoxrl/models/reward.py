@@ -161,16 +161,6 @@ class ClassifierReward:
                 f"score_on={self.score_on!r}, max_length={self.max_length})")
 
 
-def compute_rewards(reward_fn: RewardFn, prompts: list[str], responses: list[str],
-                    **columns: Any) -> Tensor:
-    """Call any reward callable and check its answer: ``(B,)`` float32 on CPU.
-
-    Lists and arrays are accepted and converted, so a plain ``lambda`` works as a reward;
-    ``None`` entries (TRL's "does not apply to this sample") become NaN.
-    """
-    return _call_reward(reward_fn, prompts, responses, columns)[0]
-
-
 def _call_reward(reward_fn: RewardFn, prompts: list[str], completions: list[str],
                  columns: dict) -> tuple[Tensor, Tensor]:
     """``(scores, applies)``: scores ``(B,)`` float32 CPU, NaN where the reward said None."""

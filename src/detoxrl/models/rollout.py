@@ -2,7 +2,7 @@
 
 Queries are kept apart from responses for both architectures. A seq2seq policy feeds the
 query to its encoder and the response to its decoder; a causal policy concatenates them. The
-policy (``detoxrl.policy``) is the only place that knows the difference.
+policy (``detoxrl.models.policy``) is the only place that knows the difference.
 
 Padding: queries are left-padded (causal models generate from the right edge) or
 right-padded (seq2seq encoders); responses are always right-padded, and every position
@@ -38,7 +38,7 @@ class Rollout:
     # the old log-probs need no second encoder pass. None for causal LMs and once used.
     encoder_hidden: Tensor | None = None  # (B, Q, H) last encoder hidden state
     # EOS was impossible at the first eos_blocked positions (min_new_tokens): every log-prob
-    # of this rollout is taken under that same block (rl_math.block_token).
+    # of this rollout is taken under that same block (models.generation.block_token).
     eos_blocked: int = 0
     # Filled in by the trainer after generation; None until then.
     scores: Tensor | None = None          # (B,) reward-model score per response

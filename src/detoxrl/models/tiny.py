@@ -193,7 +193,12 @@ def build_all(out_dir: str | Path, texts: Iterable[str] | None = None, seed: int
 
 
 def resolve(name_or_path: str) -> str:
-    """Turn ``tiny:NAME`` into a local path, building the tiny set once; pass others through."""
+    """Turn ``tiny:NAME`` into a local path, building the tiny set once; pass others through.
+
+    Called once per loaded object, where it is loaded (``Policy.from_pretrained``, the
+    reward classifier, the prompt data, ...); the functions of ``detoxrl.models.loading``
+    below them take the path or Hub id it returns.
+    """
     if not name_or_path.startswith("tiny:"):
         return name_or_path
     name = name_or_path.removeprefix("tiny:")
@@ -202,6 +207,12 @@ def resolve(name_or_path: str) -> str:
 
         raise ConfigError(f"Unknown tiny model {name_or_path!r}. Choose one of: "
                           + ", ".join(f"tiny:{n}" for n in TINY_NAMES) + ".")
+    path = build_cache() / name
+    return str(path / "train.jsonl" if name == "dialogsum" else path)
+
+
+def build_cache() -> Path:
+    """The tiny models and data, built on first use (atomically: a crash leaves none)."""
     root = cache_dir()
     if not (root / "done").exists():
         # Build in a sibling folder and rename, so a crash never leaves a half-built cache.
@@ -215,5 +226,4 @@ def resolve(name_or_path: str) -> str:
             os.replace(tmp, root)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
-    path = root / name
-    return str(path / "train.jsonl" if name == "dialogsum" else path)
+    return root

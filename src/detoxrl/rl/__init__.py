@@ -6,5 +6,6 @@ rewards, advantages, updates, KL controller); ``assembly`` builds the learner fr
 (the one place), ``distributed`` holds the accelerator, precision, DeepSpeed and
 cross-process helpers; ``detox_trainer`` the public ``DetoxTrainer`` and ``train``, which
 write the run folder; ``inputs`` turns what a user passes into prompts and names. Imports
-``detoxrl.errors``, ``config``, ``runs``, ``models``, ``data`` and ``evaluation`` (the model card).
+``detoxrl.errors``, ``config``, ``runs``, ``models``, ``data`` and ``evaluation`` (the model
+card); never ``supervised``, ``demo``, ``commands`` or ``cli``.
 """

@@ -7,18 +7,21 @@ for steps 4 (rewards), 5 (advantages) and the loss of step 7. The math is in ``r
 * :class:`PPO`: the RLHF variant of Ziegler et al. 2019 (see ``rl.math``): per-token rewards
   with the KL penalty, GAE with a value head, clipped policy and value losses, token means.
 * :class:`RLOO`: Ahmadian et al. 2024. K samples per prompt; the sequence reward is the
-  score minus ``beta`` times the summed per-token KL; the advantage subtracts the mean
+  score minus the KL coefficient times the summed per-token KL; the advantage subtracts the mean
   reward of the prompt's other K - 1 samples. The whole response is one action, so the
   loss sums over its tokens (divided by the constant ``max_new_tokens_draw``). The ratio
   is clipped as in PPO, which only matters when a batch is reused (``ppo_epochs`` or
   several mini-batches); with one epoch and one mini-batch this is plain REINFORCE.
 * :class:`GRPO`: Shao et al. 2024. The advantage is the score normalised within the
   prompt's K samples; the KL to the reference is not in the reward but a k3 loss term
-  weighted by ``beta``; the clipped ratio lets a batch be reused across epochs. Dr. GRPO
+  weighted by the KL coefficient; the clipped ratio lets a batch be reused across epochs. Dr. GRPO
   (Liu et al. 2025) is ``loss_type: dr_grpo`` with ``scale_rewards: none``.
 
 A prompt's K samples are consecutive rows on one process (``Policy.generate``), so group
 statistics need no communication; only ``scale_rewards: batch`` reduces over processes.
+
+The KL coefficient is ``kl_ctl.value`` in all three, chosen once by
+``detoxrl.rl.kl.kl_controller`` (``ppo.init_kl_coef`` for PPO, ``ppo.beta`` for RLOO and GRPO).
 """
 
 from __future__ import annotations
@@ -103,9 +106,9 @@ class _CriticFree(PPO):
         return replace(batch, advantages=rl_math.sequence_to_tokens(advantages,
                                                                     batch.response_mask))
 
-    def _loss(self, out: PolicyOutput, mb: Rollout, loss_type: str, beta: float
+    def _loss(self, out: PolicyOutput, mb: Rollout, loss_type: str, kl_coef: float
               ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped surrogate (+ beta * k3 KL to the reference), reduced as ``loss_type``."""
+        """Clipped surrogate (+ kl_coef * k3 KL to the reference), reduced as ``loss_type``."""
         mask = mb.response_mask
         logprobs = out.logprobs.float()
         pg_losses, pg_stats = rl_math.clipped_pg_losses(logprobs, mb.logprobs, mb.advantages,
@@ -115,29 +118,29 @@ class _CriticFree(PPO):
         stats = {"loss/policy": pg_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
                  "policy/approxkl": pg_stats["approxkl"]}
         loss = pg_loss
-        if beta:
+        if kl_coef:
             kl = torch.where(mask.bool(), kl_penalty(logprobs, mb.ref_logprobs, "k3"),
                              0)                                                    # (B, T)
             kl_loss = rl_math.aggregate_loss(kl, mask, loss_type, max_length)
-            loss = pg_loss + beta * kl_loss
+            loss = pg_loss + kl_coef * kl_loss
             stats["loss/kl"] = kl_loss.detach()
         stats["loss/total"] = loss.detach()
         return loss, stats
 
 
 class RLOO(_CriticFree):
-    """Leave-one-out baseline over K samples; KL summed into the sequence reward (beta)."""
+    """Leave-one-out baseline over K samples; KL summed into the sequence reward."""
 
     def sequence_advantages(self, rewards: Tensor) -> Tensor:
         return rl_math.rloo_advantages(rewards, self.p.num_generations)
 
     def loss(self, out: PolicyOutput, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
         # The response is one action: its summed log-prob times its advantage.
-        return self._loss(out, mb, "dr_grpo", beta=0.0)
+        return self._loss(out, mb, "dr_grpo", kl_coef=0.0)
 
 
 class GRPO(_CriticFree):
-    """Group-normalised scores as advantages; KL to the reference as a k3 loss term (beta)."""
+    """Group-normalised scores as advantages; KL to the reference as a k3 loss term."""
 
     kl_in_reward = False
 
@@ -151,7 +154,7 @@ class GRPO(_CriticFree):
                                         batch_std)
 
     def loss(self, out: PolicyOutput, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._loss(out, mb, self.p.loss_type, beta=self.kl_ctl.value)
+        return self._loss(out, mb, self.p.loss_type, kl_coef=self.kl_ctl.value)
 
 
 def make_algorithm(cfg: TrainConfig, accelerator, kl_ctl) -> PPO:

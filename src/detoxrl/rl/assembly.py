@@ -18,7 +18,6 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..models import tiny
 from .distributed import refuse_tied_t5_head, whole_weights, zero_stage
 from .learner import Learner
 
@@ -41,7 +40,6 @@ def build_learner(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: b
 
     from ..models.reward import build_reward_set
 
-    resolve_tiny_names(cfg, accelerator, reward_fn)
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
     policy = _build_policy(cfg, accelerator.device, model, tokenizer, peft_config)
     refuse_tied_t5_head(zero_stage(accelerator), policy.model)
@@ -74,16 +72,6 @@ def _build_policy(cfg: TrainConfig, device, model, tokenizer, peft_config):
     if cfg.model.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy.to(device)
-
-
-def resolve_tiny_names(cfg: TrainConfig, accelerator, reward_funcs: Any = None) -> None:
-    """Build the ``tiny:`` models and data a run names, once per machine."""
-    names = [cfg.model.name_or_path, cfg.data.path, cfg.reward.model]
-    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    names += [f for f in funcs if isinstance(f, str)]
-    with accelerator.local_main_process_first():
-        for name in names:
-            tiny.resolve(name)
 
 
 def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int) -> list[int]:

@@ -20,9 +20,10 @@ from ..errors import DataError
 from ..runs import run_folder
 from ..runs.preflight import check_hub_resources, check_trackers, default_cpu_threads
 from . import distributed as dist
-from .assembly import batch_indices, build_learner, resolve_tiny_names, step_seed
+from .assembly import batch_indices, build_learner, step_seed
 from .inputs import (
     NOT_REWARD_COLUMNS,
+    build_tiny_first,
     named_resources,
     policy_tokenizer,
     prompt_dataset,
@@ -66,7 +67,7 @@ class DetoxTrainer:
         self.accelerator = dist.make_accelerator(args)
         check_hub_resources(named_resources(args, model, reward_funcs, train_dataset,
                                              processing_class))
-        resolve_tiny_names(args, self.accelerator, reward_funcs)
+        build_tiny_first(self.accelerator, args, reward_funcs, processing_class)
         tokenizer = policy_tokenizer(args, model, processing_class)
         # Data errors surface before the models load; the prompts need only the tokenizer.
         self.train_dataset, self.eval_dataset = self._prompt_datasets(
@@ -166,7 +167,7 @@ class DetoxTrainer:
         return history
 
     def _step(self, step: int):
-        from ..data.prompts import collate_queries
+        from ..models.generation import collate_queries
 
         cfg, rank = self.args, self.accelerator.process_index
         rows = self.train_dataset[batch_indices(step, len(self.train_dataset), cfg, rank)]
@@ -222,7 +223,7 @@ class DetoxTrainer:
         """
         import torch
 
-        from ..data.prompts import collate_queries
+        from ..models.generation import collate_queries
 
         prompts = (self.eval_dataset if eval_dataset is None else
                    prompt_dataset(eval_dataset, self.processing_class,

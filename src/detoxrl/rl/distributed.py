@@ -60,7 +60,7 @@ def zero_stage(accelerator) -> int:
 
 
 def make_accelerator(cfg: TrainConfig, resume: bool = False):
-    """The ``Accelerator`` a run trains under, ready for ``build_trainer``.
+    """The ``Accelerator`` a run trains under, ready for ``detoxrl.rl.assembly.build_learner``.
 
     Public so that other entry points (the benchmark) get the run's mixed precision and
     checks rather than a copy of them. It refuses a broken multi-process launch, finalizes

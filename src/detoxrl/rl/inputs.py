@@ -86,19 +86,35 @@ def named_resources(args, model, reward_funcs, train_dataset, processing_class) 
 
 
 def policy_tokenizer(args: TrainConfig, model: Any, processing_class: Any):
+    from ..models import tiny
     from ..models.loading import load_tokenizer
 
     if processing_class is not None and not isinstance(processing_class, str):
         return processing_class
     if isinstance(processing_class, str):
-        return load_tokenizer(processing_class)
+        return load_tokenizer(tiny.resolve(processing_class))
     if model is not None and not isinstance(model, str) and not args.model.name_or_path:
         raise ConfigError("Pass processing_class= (the tokenizer) with a loaded model.")
     try:
-        return load_tokenizer(args.model.name_or_path, args.model.revision,
+        return load_tokenizer(tiny.resolve(args.model.name_or_path), args.model.revision,
                               args.model.trust_remote_code)
     except Exception as exc:
         if model is None or isinstance(model, str):
             raise
         raise ConfigError("Could not find the tokenizer of the loaded model; pass "
                           "processing_class=AutoTokenizer.from_pretrained(...).") from exc
+
+
+def build_tiny_first(accelerator, args: TrainConfig, *named: Any) -> None:
+    """Build the ``tiny:`` models and data once per machine, on its main process first.
+
+    Only the build: each name is resolved where it is loaded (``models.tiny.resolve``).
+    """
+    from ..models import tiny
+
+    names = [args.model.name_or_path, args.data.path, args.reward.model]
+    for item in named:
+        names += item if isinstance(item, (list, tuple)) else [item]
+    if any(isinstance(n, str) and n.startswith("tiny:") for n in names):
+        with accelerator.local_main_process_first():
+            tiny.build_cache()

@@ -7,7 +7,7 @@ and the per-token reward is
 
     r_t = -beta * KL_t(pi || ref) + [t == last token] * score,
 
-with beta adapted towards a target KL (:class:`AdaptiveKLController`). Advantages come from
+with beta adapted towards a target KL (``rl.kl.AdaptiveKLController``). Advantages come from
 GAE over these rewards with a learned per-token value, and the policy is trained with the
 clipped surrogate.
 
@@ -21,7 +21,7 @@ Algorithms"):
 * the value loss is clipped around the rollout values (OpenAI baselines ``ppo2``, not in
   the paper) and carries a factor 0.5;
 * advantages are whitened per batch, and losses average over tokens, not sequences;
-* no entropy bonus enters the loss; :func:`entropy_from_logits` is for logging.
+* no entropy bonus enters the loss; ``models.generation.entropy_from_logits`` is for logging.
 
 Critic-free variants (no value, K samples per prompt in consecutive rows, one advantage per
 sample spread over its tokens): :func:`rloo_advantages` (Ahmadian et al. 2024),
@@ -322,17 +322,6 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.var)
-
-    def update(self, x: Tensor) -> tuple[float, float]:
-        """Merge all elements of ``x``; return the batch's mean and unbiased std (0 if n=1)."""
-        xs = x.detach().to(torch.float64).flatten()
-        n = xs.numel()
-        if n == 0:
-            raise ValueError("RunningMoments.update got an empty tensor.")
-        batch_mean = float(xs.mean())
-        batch_var = float(((xs - batch_mean) ** 2).mean())
-        self.update_from_moments(batch_mean, batch_var, n)
-        return batch_mean, math.sqrt(batch_var * n / (n - 1)) if n > 1 else 0.0
 
     def update_from_moments(self, batch_mean: float, batch_var: float,
                             batch_count: float) -> None:

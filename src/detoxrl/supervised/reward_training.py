@@ -168,21 +168,23 @@ def _subset(rows: LabelledTexts, index) -> LabelledTexts:
 def _build_classifier(cfg: RewardTrainingConfig, texts: list[str]):
     from transformers import AutoModelForSequenceClassification
 
+    from ..models import tiny
     from ..models.loading import load_pretrained, load_tokenizer
     from .common import check_tokenizer_fits, train_tokenizer
 
     m, labels = cfg.model, cfg.data.labels
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
+    source = tiny.resolve(m.name_or_path) if m.name_or_path else None
+    tokenizer_source = tiny.resolve(m.tokenizer) if m.tokenizer else source
     if m.architecture is None:
-        tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision,
-                                   m.trust_remote_code)
-        model = load_pretrained(AutoModelForSequenceClassification, m.name_or_path,
+        tokenizer = load_tokenizer(tokenizer_source, m.revision, m.trust_remote_code)
+        model = load_pretrained(AutoModelForSequenceClassification, source,
                                 num_labels=len(labels), id2label=id2label, label2id=label2id,
                                 ignore_mismatched_sizes=True, revision=m.revision,
                                 trust_remote_code=m.trust_remote_code)
     else:
-        tokenizer = (load_tokenizer(m.tokenizer) if m.tokenizer else
+        tokenizer = (load_tokenizer(tokenizer_source) if m.tokenizer else
                      train_tokenizer(texts[:m.tokenizer_texts], m.vocab_size, "<s> $A </s>",
                                      m.max_positions))
         model = _scratch_roberta(m, tokenizer, id2label, label2id)

@@ -9,7 +9,7 @@ Teacher-forced cross-entropy on the target tokens, with ``transformers.Trainer``
 * ``text``: language modelling on a text column. Causal: next-token prediction on the whole
   text. Seq2seq: each text is split at a seeded word boundary (or at its ``prefix``) into an
   input and the continuation to predict.
-* ``corpus``: ``text`` on the offline mini corpus (:mod:`detoxrl.lm_corpus`).
+* ``corpus``: ``text`` on the offline mini corpus (:mod:`detoxrl.data.lm_corpus`).
 
 LoRA writes a peft adapter folder (``detoxrl train --model.adapter DIR`` continues it); full
 fine-tuning writes a whole model folder (``--model.name_or_path DIR``).
@@ -291,20 +291,22 @@ def _example(source: list[int], target: list[int]) -> dict:
 def _build_lm(cfg: SFTConfig, rows: _Rows):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from ..models import tiny
     from ..models.loading import load_config, load_pretrained, load_tokenizer
     from .common import check_tokenizer_fits, train_tokenizer
 
     m = cfg.model
+    source = tiny.resolve(m.name_or_path) if m.name_or_path else None
+    tokenizer_source = tiny.resolve(m.tokenizer) if m.tokenizer else source
     if m.architecture is None:
-        hf = load_config(m.name_or_path, m.revision, m.trust_remote_code)
+        hf = load_config(source, m.revision, m.trust_remote_code)
         auto = AutoModelForSeq2SeqLM if hf.is_encoder_decoder else AutoModelForCausalLM
-        model = load_pretrained(auto, m.name_or_path, revision=m.revision,
+        model = load_pretrained(auto, source, revision=m.revision,
                                 trust_remote_code=m.trust_remote_code)
-        tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision,
-                                   m.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_source, m.revision, m.trust_remote_code)
     else:
         template = "$A </s>" if m.architecture == "t5" else None  # as the real tokenizers
-        tokenizer = (load_tokenizer(m.tokenizer) if m.tokenizer else train_tokenizer(
+        tokenizer = (load_tokenizer(tokenizer_source) if m.tokenizer else train_tokenizer(
             rows.tokenizer_texts[:m.tokenizer_texts], m.vocab_size, template, m.max_positions))
         model = _scratch_lm(m, tokenizer)
     if tokenizer.eos_token_id is None:
@@ -344,7 +346,7 @@ def _scratch_lm(m: SupervisedModel, tokenizer):
         tie_word_embeddings=False, **special)
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)  # transformers 5 ties it for T5 built from a config; FLAN-T5 is untied
-    torch.nn.init.normal_(model.lm_head.weight, std=config.d_model ** -0.5)  # see tiny.py
+    torch.nn.init.normal_(model.lm_head.weight, std=config.d_model ** -0.5)  # see models/tiny.py
     return model
 
 
@@ -352,8 +354,8 @@ def _rouge(cfg: SFTConfig, model, tokenizer, test, references, seq2seq: bool) ->
     """ROUGE-1/2/L of greedy summaries of the first held-out prompts."""
     import torch
 
-    from ..data.prompts import collate_queries
     from ..evaluation.quality import rouge
+    from ..models.generation import collate_queries
 
     n = min(cfg.data.rouge_examples, len(test))
     if n == 0:
