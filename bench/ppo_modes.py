@@ -54,7 +54,7 @@ def setup(mode: str, spec: dict) -> dict:
     runner = _runner_class(mode)(spec)
     _STATE.update(runner=runner, spec=spec)
     info = {"load_s": time.perf_counter() - t0, "rss_imports_mib": rss_start,
-            "rss_loaded_mib": rss_mb(), "loadpeak_rss_mib": peak_rss_mib(),
+            "rss_loaded_mib": rss_mb(), "load_peak_rss_mib": peak_rss_mib(),
             "parameters": runner.parameter_counts(), "pid": os.getpid(),
             "torch_threads": torch.get_num_threads()}
     PEAK["enabled"] = reset_peak_rss()
@@ -87,8 +87,8 @@ def finish() -> dict:
     """Peak memory of the steps (RSS since the reset in ``setup``, CUDA) and of the process."""
     mark_peak()
     enabled = PEAK["enabled"]
-    out = {"lifetimepeak_rss_mib": peak_rss_mib(), "rss_end_mib": rss_mb(),
-           "steppeak_rss_mib": PEAK["max"] if enabled else peak_rss_mib(),
+    out = {"lifetime_peak_rss_mib": peak_rss_mib(), "rss_end_mib": rss_mb(),
+           "step_peak_rss_mib": PEAK["max"] if enabled else peak_rss_mib(),
            "peak_rss_source": "VmHWM after loading" if enabled
            else "ru_maxrss (process lifetime, includes loading)"}
     if torch.cuda.is_available():
