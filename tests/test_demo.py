@@ -229,7 +229,6 @@ def test_rl_stage_trains_on_the_data_stage_output(tmp_path, tiny_gpt2_path,
 
 @pytest.mark.slow
 def test_quick_demo(shared_data, tmp_path, capsys):
-    pytest.importorskip("detoxrl.reward_training")  # until the train-reward/sft branch lands
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data-dir", str(shared_data), "--output-dir", str(out),
             "--quiet"]
