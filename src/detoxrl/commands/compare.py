@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 
 from .evaluate import RUN_DIR_HELP, add_common_arguments, options, paragraphs, target, usage
+
+# Control characters other than whitespace: a model's byte-level tokens can decode to them,
+# and a terminal would act on them (move the cursor, clear the screen).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if reused:
         print(f"Reused the first {len(rows)} rows of {tgt.out_dir}/generations.jsonl "
               "(same settings; --regenerate to generate afresh).")
-    shown = [{**r, **{k: _short(r[k]) for k in ("query", "response_before",
+    shown = [{**r, **{k: terminal_cell(r[k]) for k in ("query", "response_before",
                                                   "response_after")}} for r in rows]
     print(markdown_table(shown), end="")
     print(f"\ntables: {tgt.out_dir}/compare.csv, compare.md, compare.html")
@@ -125,6 +130,8 @@ def reusable_generations(tgt, opts):
         return None
 
 
-def _short(text: str, width: int = 60) -> str:
-    text = " ".join(text.split())
+def terminal_cell(text: str, width: int = 60) -> str:
+    """``text`` as one cell of the printed table: control characters written as ``\\xNN``,
+    whitespace collapsed, cut at ``width``. The files keep the text as generated."""
+    text = " ".join(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text).split())
     return text if len(text) <= width else text[:width - 1] + "…"

@@ -33,7 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=("causal", "seq2seq"), default="causal",
                    help=_help("arch"))
     p.add_argument("--data-dir", default="../shared/data", metavar="DIR",
-                   help=_help("data_dir"))
+                   help=_help("data_dir") + " (default %(default)s)")
     p.add_argument("--output-dir", default=None, metavar="DIR", help=_help("output_dir"))
     p.add_argument("--fresh", action="store_true", help="Rebuild every stage.")
     p.add_argument("--quick", action="store_true", help=_help("quick"))

@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import ConfigError
 from .choices import RENAMED_OPTIONS
+from .presets import find_config
 from .schema import TrainConfig
 from .validation import check_ranges, read_yaml_mapping, truncated, truncated_message
 
@@ -28,7 +29,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     text = ""
     if path is not None:
-        path = Path(path)
+        path = find_config(path)  # configs/... also names a preset shipped in the package
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a YAML file, "
                               "e.g. --config configs/tiny.yaml.")

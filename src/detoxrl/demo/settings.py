@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import option
+from ..config import option, presets
 from ..errors import ConfigError
 
 ARCHS = ("causal", "seq2seq")
 JUDGE = "profanity-check"  # the independent judge: alt-profanity-check, never the reward
-PRESETS = Path(__file__).resolve().parents[3] / "configs" / "mini"
 
 # The quick demo runs every stage's real code at tiny sizes, for CI: dotted overrides of each
 # stage's preset, applied before the user's own.
@@ -82,9 +81,5 @@ class DemoConfig:
 
 
 def preset(name: str) -> Path:
-    """``configs/mini/NAME.yaml`` of this checkout; ConfigError when it is missing."""
-    path = PRESETS / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"The demo preset {str(path)!r} is missing. Run the demo from a "
-                          "checkout of detoxrl (its configs/ folder holds the presets).")
-    return path
+    """The stage preset ``configs/mini/NAME.yaml``, from the checkout or the package."""
+    return presets.preset(f"mini/{name}.yaml")

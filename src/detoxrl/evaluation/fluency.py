@@ -62,7 +62,8 @@ def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
 def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[list[int]]:
     """Token ids of each response, or a ConfigError when the tokenizer cannot encode them
     (unknown tokens, or nothing at all for a non-empty text)."""
-    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    # verbose=False: _batch_nll cuts every sequence to the model's positions itself
+    ids = tokenizer(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
     unk = tokenizer.unk_token_id
     bad = [i for i, (text, seq) in enumerate(zip(responses, ids, strict=True))
            if (text.strip() and not seq) or (unk is not None and unk in seq)]
@@ -83,7 +84,7 @@ def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[s
     """``(N,)`` perplexity of each response given its prompt; NaN for an empty response."""
     tok = fm.tokenizer
     targets = encode_responses(tok, responses, fm.name)
-    contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq)["input_ids"]
+    contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
     out = np.full(len(targets), np.nan)
     device = next(fm.model.parameters()).device
     with torch.inference_mode():

@@ -169,7 +169,9 @@ def _warpers(sampling) -> tuple[list, dict]:
     custom processors, in the order generate itself applies them, and generate's own are
     switched off: it puts custom processors *before* its temperature and top-k.
     """
-    if not (sampling.do_sample and 0.0 < sampling.top_p < 1.0):
+    if not sampling.do_sample:  # greedy: sampling options would only draw a warning
+        return [], {}
+    if not 0.0 < sampling.top_p < 1.0:
         return [], {"top_k": sampling.top_k, "top_p": sampling.top_p,
                     "temperature": sampling.temperature}
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper

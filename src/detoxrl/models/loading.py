@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from . import quiet
 
 _FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
 
@@ -69,7 +70,8 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 def load_pretrained(auto_cls, name: str, **kwargs):
     """``auto_cls.from_pretrained`` with the Hub/local-path hint on failure."""
     try:
-        return auto_cls.from_pretrained(name, **kwargs)
+        with quiet.model_loading():
+            return auto_cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_hub_hint(name) + f" ({type(exc).__name__}: {exc})") from None
 

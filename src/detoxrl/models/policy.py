@@ -36,6 +36,7 @@ from .loading import (
     resolve_adapter,
     resolve_dtype,
 )
+from .quiet import peft_wrapping
 from .rollout import Rollout
 
 DEFAULT_TARGETS = {
@@ -99,6 +100,7 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    @peft_wrapping()
     def from_model(cls, base: nn.Module, tokenizer, lora: LoraSettings | None = None,
                    adapter: str | None = None, trained_adapter: str | None = None,
                    trainable: bool = True, value_head: bool = True) -> Policy:

@@ -276,7 +276,8 @@ def _text_example(row: dict, tokenizer, seq2seq: bool, d: SFTData,
 def _target_ids(text: str, tokenizer, max_tokens: int) -> list[int]:
     """Tokens of ``text`` ending with EOS, so the model learns where to stop; a text cut at
     ``max_tokens`` gets no EOS, as it did not end there."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: the text is cut below, so the tokenizer's length warning does not apply
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) >= max_tokens:
         return ids[:max_tokens]
     return [*ids, tokenizer.eos_token_id]
@@ -317,9 +318,11 @@ def _build_lm(cfg: SFTConfig, rows: _Rows):
         from peft import get_peft_model
 
         from ..models.policy import default_lora
+        from ..models.quiet import peft_wrapping
 
-        model = get_peft_model(model, default_lora(
-            model.config.model_type, model.config.is_encoder_decoder, cfg.lora))
+        with peft_wrapping():
+            model = get_peft_model(model, default_lora(
+                model.config.model_type, model.config.is_encoder_decoder, cfg.lora))
     return tokenizer, model
 
 
