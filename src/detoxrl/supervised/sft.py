@@ -314,6 +314,10 @@ def _build_lm(cfg: SFTConfig, rows: _Rows):
         raise ConfigError(f"The tokenizer of {m.name_or_path!r} has no EOS token; SFT "
                           "targets end with one.")
     check_tokenizer_fits(tokenizer, model, m.tokenizer or m.name_or_path or "the new model")
+    if not model.config.is_encoder_decoder and getattr(model, "loss_type", None) is None:
+        # Named for transformers, which else picks this loss itself (GPT2LMHeadModel's class
+        # name does not say "ForCausalLM") and warns on the first step that it did.
+        model.loss_type = "ForCausalLM"
     if cfg.method == "lora":
         from peft import get_peft_model
 
