@@ -117,8 +117,8 @@ def default_cpu_threads() -> int:
 
     torch's default (one thread per core) spins on every core: on a machine where other
     work holds a core, the tiny preset measured 7-10 s a step with 2 threads against 0.95 s
-    with 1 (README, "Threads"). One thread also keeps CPU results independent of the core
-    count. GPU runs are unaffected; set OMP_NUM_THREADS=N to use N threads on an idle machine.
+    with 1 (docs/install.md, "Threads"). One thread also keeps CPU results independent of the
+    core count. GPU runs are unaffected; set OMP_NUM_THREADS=N for N threads on an idle machine.
     """
     import torch
 
