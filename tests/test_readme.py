@@ -84,6 +84,7 @@ def test_readme_is_short_and_every_block_is_exercised():
             assert all(argv[0] == "detoxrl" for argv in commands(block)), block
 
 
+@pytest.mark.slow
 def test_readme_shell_blocks_run_twice_in_a_fresh_folder(tmp_path, monkeypatch):
     (tmp_path / "shared").mkdir()
     if SHARED_DATA.is_dir():
