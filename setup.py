@@ -8,13 +8,16 @@ else about the build is in pyproject.toml.
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 FOLDERS = sorted({p.parent.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")})
 PRESETS = {".".join(["detoxrl", "presets", *folder.parts[1:]]): folder.as_posix()
            for folder in FOLDERS}
 
-setup(packages=[*find_packages("src"), *PRESETS],
+# Namespace packages too (a package folder without __init__.py), as packages.find did.
+PACKAGES = find_namespace_packages("src", include=["detoxrl*"], exclude=["*.__pycache__"])
+
+setup(packages=[*PACKAGES, *PRESETS],
       package_dir={"": "src", **PRESETS},
       package_data={name: ["*.yaml"] for name in PRESETS})
