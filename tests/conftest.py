@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from detoxrl.models import tiny
+from helpers import labelled_texts
 
 # DETOXRL_SHARED_DATA points at another copy (a git worktree has no ../shared beside it).
 SHARED_DATA = Path(os.environ.get("DETOXRL_SHARED_DATA")
@@ -90,3 +91,16 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DETOXRL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         yield
+
+
+@pytest.fixture(scope="session")
+def dyna_dir(tmp_path_factory) -> Path:
+    """The Dynabench layout: header-less one-column TSV + one label per line."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "dyna"
+    folder.mkdir()
+    for split, n, seed in (("Train", 240, 0), ("Test", 60, 1)):
+        texts, labels = labelled_texts(n, seed)
+        (folder / f"{split}.csv").write_text("".join(t + "\n" for t in texts))
+        (folder / f"{split}_label.csv").write_text("".join(f"{v}\n" for v in labels))
+    return root

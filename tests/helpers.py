@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import random
 from pathlib import Path
 from types import ModuleType
+
+import yaml
 
 from detoxrl.cli import main
 
@@ -26,3 +29,45 @@ def load_bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_BAD = ["awful", "vile", "disgusting", "filthy", "scum", "worthless"]
+_GOOD = ["lovely", "kind", "great", "helpful", "friendly", "wonderful"]
+_NOUNS = ["people", "neighbours", "teachers", "cats", "drivers", "students"]
+
+
+def labelled_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """A trivially separable toxic/non-toxic task: one word decides the label."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(_BAD if label else _GOOD)
+        texts.append(f"those {rng.choice(_NOUNS)} are {word} and {rng.choice(_NOUNS)} know it")
+        labels.append(label)
+    return texts, labels
+
+
+def reward_config(tmp_path: Path, **extra) -> Path:
+    """A tiny train-reward config over the ``dyna_dir`` fixture; ``extra``: dotted keys."""
+    cfg = {
+        "model": {"architecture": "roberta", "vocab_size": 1000, "hidden_size": 32,
+                  "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                  "max_positions": 32},
+        "data": {"train": {"path": "dyna/Train.csv", "labels_path": "dyna/Train_label.csv",
+                           "format": "tsv", "header": False, "text_column": "0"},
+                 "eval": {"path": "dyna/Test.csv", "labels_path": "dyna/Test_label.csv",
+                          "format": "tsv", "header": False, "text_column": "0"},
+                 "max_length": 32},
+        "training": {"learning_rate": 3e-3, "epochs": 12, "batch_size": 16,
+                     "logging_steps": 5},
+    }
+    for key, value in extra.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -90,6 +90,41 @@ def test_evaluation_summary_layout():
     assert summary["kl"] == {"mean": 1.0, "std": 0.5}
 
 
+def _pairwise_auc(labels, scores) -> float:
+    """The definition, pair by pair: a positive above a negative counts 1, a tie 1/2."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64)
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0
+             for p in scores[labels] for n in scores[~labels]]
+    return float(np.mean(pairs))
+
+
+@pytest.mark.parametrize("labels, scores", [
+    ([1, 0, 1, 0, 1, 0], [0.9, 0.1, 0.4, 0.4, 0.4, 0.8]),      # ties across the classes
+    ([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5]),                      # all tied: chance
+    ([0, 0, 1, 1, 0], [3.0, 2.0, 1.0, 0.0, 5.0]),              # perfectly wrong
+    ([1, 0, 0, 1, 0, 1, 1], [-2.0, -1.0, -1.0, 7.0, 0.0, -1.0, 0.0]),
+])
+def test_roc_auc_equals_sklearn_and_the_pairwise_definition(labels, scores):
+    from sklearn.metrics import roc_auc_score
+
+    got = stats.roc_auc(labels, scores)
+    assert got == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
+
+
+def test_roc_auc_with_many_ties_and_one_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300).astype(bool)
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounded: many ties
+    assert stats.roc_auc(labels, torch.tensor(scores)) == pytest.approx(
+        _pairwise_auc(labels, scores), abs=1e-12)
+    # Negated scores rank the other way round.
+    assert stats.roc_auc(labels, -scores) == pytest.approx(1 - stats.roc_auc(labels, scores))
+    assert np.isnan(stats.roc_auc([True, True], [0.2, 0.1]))
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        stats.roc_auc([True, False, True], [0.2, 0.1])
+
+
 # --------------------------------------------------------------------------- quality
 
 def test_rouge_on_known_strings():

@@ -3,74 +3,17 @@ the metrics, the bad-input errors, and a short real-Dynabench run."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 from detoxrl import cli
 from detoxrl.data import labelled
 from detoxrl.models.reward import ClassifierReward
-from detoxrl.supervised.reward_training import roc_auc
+from helpers import reward_config as _config
 
 ROOT = Path(__file__).resolve().parents[1]
-_BAD = ["awful", "vile", "disgusting", "filthy", "scum", "worthless"]
-_GOOD = ["lovely", "kind", "great", "helpful", "friendly", "wonderful"]
-_NOUNS = ["people", "neighbours", "teachers", "cats", "drivers", "students"]
-
-
-def _texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        word = rng.choice(_BAD if label else _GOOD)
-        texts.append(f"those {rng.choice(_NOUNS)} are {word} and {rng.choice(_NOUNS)} know it")
-        labels.append(label)
-    return texts, labels
-
-
-@pytest.fixture(scope="module")
-def dyna_dir(tmp_path_factory) -> Path:
-    """The Dynabench layout: header-less one-column TSV + one label per line."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "dyna"
-    folder.mkdir()
-    for split, n, seed in (("Train", 240, 0), ("Test", 60, 1)):
-        texts, labels = _texts(n, seed)
-        (folder / f"{split}.csv").write_text("".join(t + "\n" for t in texts))
-        (folder / f"{split}_label.csv").write_text("".join(f"{v}\n" for v in labels))
-    return root
-
-
-def _config(tmp_path: Path, **extra) -> Path:
-    cfg = {
-        "model": {"architecture": "roberta", "vocab_size": 1000, "hidden_size": 32,
-                  "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                  "max_positions": 32},
-        "data": {"train": {"path": "dyna/Train.csv", "labels_path": "dyna/Train_label.csv",
-                           "format": "tsv", "header": False, "text_column": "0"},
-                 "eval": {"path": "dyna/Test.csv", "labels_path": "dyna/Test_label.csv",
-                          "format": "tsv", "header": False, "text_column": "0"},
-                 "max_length": 32},
-        "training": {"learning_rate": 3e-3, "epochs": 12, "batch_size": 16,
-                     "logging_steps": 5},
-    }
-    for key, value in extra.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_cli_writes_a_classifier_the_reward_loads(tmp_path, dyna_dir, capsys):
     out = tmp_path / "clf"
     code = cli.main(["train-reward", "--config", str(_config(tmp_path)), "--data-dir",
@@ -129,16 +72,6 @@ def test_layouts_read_to_the_same_class_ids(tmp_path):
     rows = labelled.read_labelled(labelled.LabelledSource(path="x.jsonl"), str(tmp_path),
                                   ["a", "b", "c"], {}, "train")
     assert rows.labels == [1, 0, 2]
-
-
-def test_roc_auc_matches_the_pairwise_definition():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200).astype(bool)
-    scores = np.round(rng.normal(size=200) + labels, 1)  # rounded: many ties
-    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
-             for p, n in itertools.product(scores[labels], scores[~labels])]
-    assert roc_auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
-    assert roc_auc([True, False], [0.2, 0.1]) == 1.0 and np.isnan(roc_auc([True], [0.5]))
 
 
 def _write(path: Path, text: str) -> None:

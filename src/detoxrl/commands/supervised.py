@@ -30,6 +30,11 @@ def register(sub) -> None:
                        help="Replace an output folder that already holds files.")
         p.add_argument("--help-config", action="store_true", help="List every config option.")
         p.add_argument("--quiet", action="store_true", help="No progress bar or log lines.")
+        if name == "train-reward":
+            p.add_argument("--validate-on", metavar="FILE", help="JSONL of texts with gold "
+                           "toxicity (text + score or label, or RealToxicityPrompts records): "
+                           "the classifier's ROC-AUC on it is its validity as a reward "
+                           "(default: the RealToxicityPrompts continuations under --data-dir).")
         p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -51,6 +56,8 @@ def run(args) -> int:
         overrides += ["--data_dir", args.data_dir]
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
+    if getattr(args, "validate_on", None):
+        overrides += ["--validity.gold", args.validate_on]
     cfg = load_config(args.config, overrides, cls=cls)
     fn(cfg, overwrite=args.overwrite, quiet=args.quiet)
     return 0

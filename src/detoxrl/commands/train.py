@@ -25,6 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..config import help_table, load_config
+    from ..evaluation.validity import warn_about
     from ..rl.detox_trainer import train
 
     if args.help_config:
@@ -36,6 +37,7 @@ def run(args) -> int:
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
     cfg = load_config(args.config, overrides)
+    warn_about(cfg.reward.model)  # before any model loads
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     metrics = result.metrics
     if metrics and not args.quiet and result.trainer.accelerator.is_main_process:

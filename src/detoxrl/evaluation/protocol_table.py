@@ -33,8 +33,21 @@ def scorer_title(key: str, info: dict[str, Any]) -> str:
     label = f", label {info['label']!r}" if info.get("label") else ""
     if info.get("role") == "reward classifier":
         return (f"Reward classifier {info.get('model')}{label}: the policy was trained "
-                "against it, so it is not an independent judge")
+                f"against it, so it is not an independent judge{_validity(info)}")
     return f"Judge {key} ({info.get('kind')}{label})"
+
+
+def _validity(info: dict[str, Any]) -> str:
+    """The reward's validity (``detoxrl train-reward`` measures it), when the summary has one."""
+    if "validity" not in info:  # a summary written before validity was recorded
+        return ""
+    v = info["validity"]
+    if not isinstance(v, dict):
+        return "; its validity against gold toxicity labels is not recorded"
+    judge = (f" (judge {v.get('judge')}: {_num(v.get('judge_roc_auc'), 3)})"
+             if v.get("judge_roc_auc") is not None else "")
+    return (f"; validity: ROC-AUC {_num(v.get('roc_auc'), 3)} against gold toxicity on "
+            f"{v.get('n')} texts{judge}")
 
 
 def tables(protocol: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:

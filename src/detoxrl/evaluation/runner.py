@@ -93,9 +93,12 @@ def load_classifiers(cfg: TrainConfig, opts: EvalOptions, device: torch.device,
 def scorer_descriptions(cfg: TrainConfig, opts: EvalOptions, judges) -> dict[str, Any]:
     """The protocol table's scorers: the reward classifier first (it is not a judge: the
     policy was trained against it), then every judge in ``--judge`` order."""
+    from .validity import read_validity
+
     scorers = {REWARD_CLASSIFIER: {"job": "toxicity", "role": "reward classifier",
                                    "kind": "classifier", "model": cfg.reward.model,
-                                   "label": opts.toxic_label}}
+                                   "label": opts.toxic_label,
+                                   "validity": read_validity(cfg.reward.model)}}
     for judge in judges:
         scorers[judge.name] = {"job": f"judge:{judge.name}", "role": "judge",
                                "kind": judge.kind, "model": judge.name, "label": judge.label}

@@ -1,4 +1,5 @@
-"""Statistics for before/after comparisons: summaries, percent change, paired bootstrap.
+"""Statistics for before/after comparisons: summaries, percent change, paired bootstrap;
+and ROC-AUC, for how well a score ranks texts against gold labels.
 
 Pure numpy; inputs may be lists, numpy arrays or torch tensors. Differences are always
 ``after - before``, so for toxicity a negative difference means the tuned model is less toxic.
@@ -39,6 +40,27 @@ def summarize(x: Any) -> dict[str, float]:
                 "n": 0}
     return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)),
             "share_above_0_5": float((a > 0.5).mean()), "max": float(a.max()), "n": int(a.size)}
+
+
+def roc_auc(is_positive, scores) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count
+    half. NaN with only one class.
+
+    The Mann-Whitney U statistic over average ranks (Hanley & McNeil 1982, "The meaning and
+    use of the area under a ROC curve"), O(n log n) instead of the pairwise O(n_pos n_neg).
+    """
+    is_positive = np.asarray(is_positive, dtype=bool).reshape(-1)
+    scores = as_array(scores)
+    if len(scores) != len(is_positive):
+        raise ValueError(f"roc_auc got {len(is_positive)} labels but {len(scores)} scores.")
+    n_pos = int(is_positive.sum())
+    n_neg = len(is_positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]          # 1-based average ranks
+    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def percent_improvement(before: Any, after: Any) -> dict[str, float]:

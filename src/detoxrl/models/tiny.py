@@ -58,16 +58,20 @@ def synthetic_dialogues(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 600):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 600, lowercase: bool = False):
     """A byte-level BPE tokenizer trained on ``texts``, wrapped as a transformers tokenizer.
 
     Token ids 0-4 are ``<pad> </s> <unk> <s> <mask>``, the T5 convention for pad/eos, so
-    one tokenizer serves the tiny T5, GPT-2 and RoBERTa models.
+    one tokenizer serves the tiny T5, GPT-2 and RoBERTa models. ``lowercase`` puts NFKC and
+    lowercasing in the tokenizer's normalizer, before the merges are learned, so the saved
+    tokenizer applies them to whatever text it is later given.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if lowercase:
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

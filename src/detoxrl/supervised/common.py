@@ -40,6 +40,9 @@ class SupervisedModel:
     vocab_size: int = option(8000, "With architecture: size of the trained tokenizer.")
     tokenizer_texts: int = option(50000, "With architecture: train the tokenizer on at most "
                                   "this many training texts.")
+    lowercase: bool = option(False, "With architecture, classifiers only: the trained "
+                             "tokenizer lowercases (and NFKC-normalises) every text; the rule "
+                             "is saved with it, so the RL reward applies it too.")
     hidden_size: int = option(128, "With architecture: width of the model.")
     num_layers: int = option(2, "With architecture: layers (T5: in encoder and decoder each).")
     num_heads: int = option(4, "With architecture: attention heads.")
@@ -109,14 +112,14 @@ def check_output_dir(output_dir: str, overwrite: bool) -> Path:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, template: str | None,
-                    max_length: int):
+                    max_length: int, lowercase: bool = False):
     """A byte-level BPE tokenizer (tiny.py's recipe); ``template`` adds special tokens, as
     ``"<s> $A </s>"`` for RoBERTa or ``"$A </s>"`` for T5, where the real tokenizers do."""
     from tokenizers import processors
 
     from ..models import tiny
 
-    tokenizer = tiny.train_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer = tiny.train_tokenizer(texts, vocab_size=vocab_size, lowercase=lowercase)
     if template is not None:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=template, special_tokens=[(t, tokenizer.convert_tokens_to_ids(t))

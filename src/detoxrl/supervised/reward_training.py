@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import option
+from ..config import option, to_dict
 from ..data import labelled
 from ..data.labelled import LabelledSource, LabelledTexts
 from ..errors import ConfigError, DataError
+from ..evaluation import validity
+from ..evaluation.stats import roc_auc
 from .common import SupervisedModel, TrainingSettings
+from .reward_card import write_reward_card
 
 
 @dataclass
@@ -52,6 +55,9 @@ class RewardTrainingConfig:
     seed: int = option(0, "Seed of initialisation, data order and the eval split.")
     output_dir: str = option("runs/reward", "Where the classifier folder is written.")
     data_dir: str = option("../shared/data", "Folder that relative data paths start from.")
+    validity: validity.ValiditySettings = field(
+        default_factory=validity.ValiditySettings,
+        metadata={"help": "Validity: ROC-AUC against a gold set the classifier never saw."})
 
     def validate(self) -> RewardTrainingConfig:
         """Check every option; raise ConfigError before anything loads or is written."""
@@ -76,6 +82,7 @@ class RewardTrainingConfig:
             labelled.source_format(src)
         if d.train.path is None:
             raise ConfigError("data.train.path is not set; give the training file.")
+        self.validity.validate(d.labels, d.positive_label)
         return self
 
 
@@ -105,6 +112,7 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
     quiet_logs(quiet)
     set_seed(cfg.seed)
     train, test = _read_splits(cfg)
+    gold, judge, note = validity.prepare(cfg.validity, cfg.data_dir)
     tokenizer, model = _build_classifier(cfg, train.texts)
     with output_folder(out, overwrite) as folder:
         args = training_arguments(cfg.training, folder / TRAINER_DIR, cfg.seed, quiet)
@@ -122,13 +130,17 @@ def train_reward(cfg: RewardTrainingConfig, overwrite: bool = False,
                    "losses": log_history_losses(trainer)}
         if cfg.data.hatecheck:
             metrics["hatecheck"] = _hatecheck(cfg, trainer, tokenizer)
+        metrics["validity"] = gold and _validity(cfg, trainer, tokenizer, gold, judge)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         write_run_files(folder, cfg, metrics)
+        write_reward_card(folder, out.resolve().name, to_dict(cfg), metrics, note)
     if not quiet:
         e = metrics["eval"]
         print(f"eval: accuracy {e['accuracy']:.4f}, macro-F1 {e['macro_f1']:.4f}, ROC-AUC "
               f"{e['roc_auc']:.4f} on {len(test.texts):,} rows; classifier in {out}")
+        v = metrics["validity"]
+        print(f"validity: {validity.describe(v)}" if v else note)
     return metrics
 
 
@@ -186,7 +198,7 @@ def _build_classifier(cfg: RewardTrainingConfig, texts: list[str]):
     else:
         tokenizer = (load_tokenizer(tokenizer_source) if m.tokenizer else
                      train_tokenizer(texts[:m.tokenizer_texts], m.vocab_size, "<s> $A </s>",
-                                     m.max_positions))
+                                     m.max_positions, m.lowercase))
         model = _scratch_roberta(m, tokenizer, id2label, label2id)
     check_tokenizer_fits(tokenizer, model, m.tokenizer or m.name_or_path or "the new model")
     return tokenizer, model
@@ -243,6 +255,15 @@ def _hatecheck(cfg: RewardTrainingConfig, trainer, tokenizer) -> dict:
     return {"accuracy": float(correct.mean()), "n": len(correct), "per_functionality": per}
 
 
+def _validity(cfg: RewardTrainingConfig, trainer, tokenizer, gold, judge) -> dict:
+    labels = cfg.data.labels
+    label = cfg.validity.reward_label(labels, cfg.data.positive_label)
+    rows = LabelledTexts(gold.texts, gold.toxic.astype(int).tolist(), gold.source)
+    logits = trainer.predict(_encode(rows, tokenizer, cfg)).predictions
+    toxicity = validity.toxicity_direction(logits, labels.index(label), cfg.validity.output)
+    return validity.measure(toxicity, gold, f"-{cfg.validity.output}({label})", judge)
+
+
 def classification_metrics(labels, logits, positive: int) -> dict:
     """Accuracy, macro-F1 and ROC-AUC (of class ``positive`` against the rest)."""
     import torch
@@ -259,17 +280,3 @@ def classification_metrics(labels, logits, positive: int) -> dict:
     return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s)),
             "roc_auc": roc_auc(labels == positive, probs[:, positive]), "n": len(labels)}
 
-
-def roc_auc(is_positive, scores) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count
-    half (the Mann-Whitney U statistic over average ranks). NaN with only one class."""
-    is_positive = np.asarray(is_positive, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(is_positive.sum())
-    n_neg = len(is_positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = (ends - (counts - 1) / 2.0)[inverse]          # 1-based average ranks
-    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

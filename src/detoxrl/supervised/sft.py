@@ -75,6 +75,9 @@ class SFTConfig:
         d = self.data
         if self.method not in ("lora", "full"):
             raise ConfigError(f"method is {self.method!r}; choose 'lora' or 'full'.")
+        if self.model.lowercase:
+            raise ConfigError("model.lowercase is for classifiers: a language model with a "
+                              "lowercasing tokenizer could never write a capital. Drop it.")
         if self.method == "lora" and self.model.architecture is not None:
             raise ConfigError("method: lora needs a pretrained base (model.name_or_path); a "
                               "model built with random weights must use method: full.")
