@@ -10,6 +10,7 @@ equal its "before" exactly.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ def test_evaluate_k_samples_seq2seq_with_judges(run_dir, judge_module, tmp_path)
     assert summary["protocol"]["fluency"]["reference"] is True
     assert "reference policy (adapter off)" in printed
     assert "Reward classifier tiny:roberta-hate" in printed and "not an independent" in printed
+    assert "its validity against gold toxicity labels is not recorded" in printed
     assert "Judge profanity-check" in printed and "Exp. max tox." in printed
     settings = summary["settings"]
     assert settings["samples_per_prompt"] == K and settings["output"] == str(out.resolve())
@@ -159,13 +161,21 @@ def test_evaluate_k_samples_causal_on_a_prompt_file(tmp_path, judge_module, cach
             assert m["before"] == m["after"] and m["verdict"] == NO_CHANGE
 
 
-def test_report_shows_the_papers_table(run_dir, judge_module):
+def test_report_shows_the_papers_table(run_dir, judge_module, tiny_classifier_path, tmp_path):
+    # A reward folder as train-reward leaves it: its metrics.json records the validity.
+    reward = Path(shutil.copytree(tiny_classifier_path, tmp_path / "reward"))
+    (reward / "metrics.json").write_text(json.dumps({"validity": {
+        "gold": "gold.jsonl", "n": 1900, "positives": 886, "score": "-logit(nothate)",
+        "roc_auc": 0.8123, "judge": "profanity-check", "judge_roc_auc": 0.9172}}))
     code, _ = cli("evaluate", str(run_dir), "--n", "4", "--batch-size", "4",
                   "--max-new-tokens", str(MAX_NEW), "--bootstrap", "200", "--quiet",
-                  "--samples-per-prompt", "2", "--judge", "profanity-check")
+                  "--samples-per-prompt", "2", "--judge", "profanity-check",
+                  "--reward.model", str(reward))
     assert code == 0
     html = (run_dir / "report.html").read_text()
     assert "RealToxicityPrompts protocol" in html and "Judge profanity-check" in html
+    assert ("validity: ROC-AUC 0.812 against gold toxicity on 1900 texts (judge "
+            "profanity-check: 0.917)") in html
     for column in ("Exp. max tox.", "Tox. prob.", "Avg. tox.", "PPL", "Dist-1", "Dist-3"):
         assert f"<th>{column}</th>" in html
     card = (run_dir / "README.md").read_text()  # the model card is refreshed too

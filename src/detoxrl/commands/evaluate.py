@@ -113,8 +113,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_common_arguments(p, n_default=500)
     p.add_argument("--score-on", choices=CHOICES[("reward", "score_on")], default="response",
                    help="Toxicity of the response alone (default) or of query + response.")
-    p.add_argument("--toxic-label", default="hate", metavar="LABEL",
-                   help="The reward classifier's toxic label (default hate).")
+    p.add_argument("--toxic-label", default=None, metavar="LABEL",
+                   help="The reward classifier's toxic label (default: its label named "
+                   "toxic, hate, offensive, ...: hate for nothate/hate classifiers).")
     p.add_argument("--samples-per-prompt", type=int, default=None, metavar="K",
                    help="Samples per prompt, all from one generate call (default 25 for "
                    "data.kind rtp or --protocol rtp, else 1).")
@@ -148,7 +149,7 @@ def options(args: argparse.Namespace):
         protocol=getattr(args, "protocol", None),
         explicit_generation=generation_overrides(args.overrides),
         score_on=getattr(args, "score_on", "response"),
-        toxic_label=getattr(args, "toxic_label", "hate"), judges=getattr(args, "judge", []),
+        toxic_label=getattr(args, "toxic_label", None), judges=getattr(args, "judge", []),
         judge_label=getattr(args, "judge_label", None),
         fluency_model=getattr(args, "fluency_model", None),
         n_resamples=getattr(args, "bootstrap", 10_000), device=args.device,

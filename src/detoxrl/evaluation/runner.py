@@ -75,13 +75,17 @@ def load_classifiers(cfg: TrainConfig, opts: EvalOptions, device: torch.device,
     """The run's reward classifier and, with ``toxicity``, the judges; toxicity is the
     probability of ``opts.toxic_label`` for the reward classifier."""
     from ..models.reward import ClassifierReward
-    from .judges import load_judge
+    from .judges import TOXIC_LABELS, load_judge
 
     reward = ClassifierReward.from_config(cfg.reward, device=device)
     if not toxicity:
         return reward, []
+    if opts.toxic_label is None:  # the label named like hate/offensive/toxic
+        opts.toxic_label = next((x for x in reward.labels if x.lower() in TOXIC_LABELS),
+                                None)
     if opts.toxic_label not in reward.labels:
-        raise ConfigError(f"The classifier {reward.name!r} has no label {opts.toxic_label!r}; "
+        which = repr(opts.toxic_label) if opts.toxic_label else "named like hate or offensive"
+        raise ConfigError(f"The classifier {reward.name!r} has no label {which}; "
                           "its labels are " + ", ".join(repr(x) for x in reward.labels)
                           + ". Name its toxic label with --toxic-label.")
     reward.toxic_label = opts.toxic_label

@@ -49,7 +49,7 @@ class EvalOptions:
     explicit_generation: frozenset[str] = frozenset()  # generation.* keys given explicitly
     prompts: str | None = None       # a prompt file instead of the run's test split
     score_on: str = "response"
-    toxic_label: str = "hate"
+    toxic_label: str | None = None   # None: the reward's label named like hate/offensive
     judges: list[str] = field(default_factory=list)
     judge_label: str | None = None
     fluency_model: str | None = None  # None: the reference policy
