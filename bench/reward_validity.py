@@ -10,7 +10,12 @@ yardstick: what a linear model learns from the same labels.
 Train time is reported as wall seconds and as process CPU seconds; with one thread the CPU
 seconds are what an idle machine's wall clock would show (this machine may be shared).
 
-    python bench/reward_validity.py --data-dir ../shared/data --out bench/results/reward_validity
+    python bench/reward_validity.py --data-dir ../shared/data --score runs/demo/1-reward \
+        --out bench/results/reward_validity
+
+``--presets`` names other presets to train (default: reward-offensive); ``--score`` adds
+reward folders trained earlier, scored without training (``runs/demo/1-reward`` is the
+Dynabench preset's classifier, stage 1 of ``detoxrl demo``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("reward-offensive", "reward-dynabench", "reward-tweeteval")
+PRESETS = ("reward-offensive",)
 TARGET_ROC_AUC = 0.80       # the offensive preset's acceptance bar
 TARGET_TRAIN_S = 240        # ... trained in at most 4 minutes on one thread
 
@@ -50,6 +55,28 @@ def train_preset(name: str, data_dir: str, runs: Path) -> dict:
             "linear_roc_auc": linear_yardstick(cfg)}
 
 
+def score_folder(folder: str, data_dir: str) -> dict:
+    """Validity of a reward folder trained earlier (a demo's ``1-reward``), scored here."""
+    import yaml
+
+    from detoxrl.evaluation import judges, validity
+    from detoxrl.reward import ClassifierReward
+
+    cfg = yaml.safe_load((Path(folder) / "config.yaml").read_text())
+    data, settings = cfg["data"], cfg.get("validity") or {}
+    label = settings.get("label") or next(x for x in data["labels"]
+                                          if x != data["positive_label"])
+    output = settings.get("output", "logit")
+    gold = validity.builtin_gold(data_dir, settings.get("threshold", 0.5))
+    reward = ClassifierReward(folder, label=label, output=output)
+    toxicity = -reward.label_scores(gold.texts, label, output).numpy()
+    measured = validity.measure(toxicity, gold, f"-{output}({label})",
+                                judges.load_judge(judges.PROFANITY_CHECK))
+    return {"preset": f"{folder} (trained on {data['train']['path']})",
+            "command": f"python bench/reward_validity.py --score {folder}",
+            "validity": measured}
+
+
 def linear_yardstick(cfg) -> float:
     """TF-IDF + logistic regression on the preset's training split, scored on the same gold."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -74,10 +101,11 @@ def markdown(rows: list[dict], machine: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         v = r["validity"]
+        trained = (f"{r['linear_roc_auc']:.3f} | {r['held_out_roc_auc']:.3f} | "
+                   f"{r['train_rows']:,} | {r['train_runtime_s']:.0f} | "
+                   f"{r['command_cpu_s']:.0f}" if "train_rows" in r else "| | | |")
         lines.append(f"| `{r['preset']}` | **{v['roc_auc']:.3f}** | {v['judge_roc_auc']:.3f} | "
-                     f"{r['linear_roc_auc']:.3f} | {r['held_out_roc_auc']:.3f} | "
-                     f"{r['train_rows']:,} | {r['train_runtime_s']:.0f} | "
-                     f"{r['command_cpu_s']:.0f} |")
+                     f"{trained} |")
     v = rows[0]["validity"]
     return ("# Reward validity of the mini presets\n\n"
             f"Gold: {v['gold']}; {v['n']:,} texts, {v['positives']:,} toxic (Perspective "
@@ -86,14 +114,15 @@ def markdown(rows: list[dict], machine: dict) -> str:
             "One torch thread; CPU s is the process time of the whole command (training, "
             f"scoring the gold and the held-out split). Load average {machine['load_before']}"
             f" before, {machine['load_after']} after.\n\n"
-            "`python bench/reward_validity.py --data-dir ../shared/data --out "
-            "bench/results/reward_validity`\n\n" + "\n".join(lines) + "\n")
+            f"`{' '.join(['python', *machine['argv']])}`\n\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--presets", nargs="+", default=list(PRESETS))
+    p.add_argument("--presets", nargs="*", default=list(PRESETS))
+    p.add_argument("--score", nargs="*", default=[], metavar="FOLDER", help="Reward folders "
+                   "trained earlier (e.g. a demo's runs/demo/1-reward), scored, not trained.")
     p.add_argument("--runs", default="runs/bench-reward-validity", help="Where the trained "
                    "classifiers go.")
     p.add_argument("--out", default="bench/results/reward_validity", help="Writes OUT.json "
@@ -104,14 +133,15 @@ def main() -> None:
     from detoxrl.io import atomic_write_json, atomic_write_text
     from detoxrl.run_folder import versions
 
-    machine = {"cpu": platform.processor() or platform.machine(),
+    machine = {"argv": sys.argv, "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2)}
     rows = [train_preset(name, args.data_dir, Path(args.runs)) for name in args.presets]
+    rows += [score_folder(folder, args.data_dir) for folder in args.score]
     machine["load_after"] = round(os.getloadavg()[0], 2)
     result = {"rows": rows, "machine": machine, "targets": {
         "reward-offensive": {"roc_auc_at_least": TARGET_ROC_AUC,
                              "train_s_at_most": TARGET_TRAIN_S}},
-        "command": sys.argv, "detoxrl": __version__, "versions": versions()}
+        "detoxrl": __version__, "versions": versions()}
     atomic_write_json(Path(f"{args.out}.json"), result)
     atomic_write_text(Path(f"{args.out}.md"), markdown(rows, machine))
     print(markdown(rows, machine))
