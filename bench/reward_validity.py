@@ -38,7 +38,7 @@ def train_preset(name: str, data_dir: str, runs: Path) -> dict:
     import torch
 
     from detoxrl.config import load_config
-    from detoxrl.reward_training import RewardTrainingConfig, train_reward
+    from detoxrl.supervised.reward_training import RewardTrainingConfig, train_reward
 
     torch.set_num_threads(1)
     path = ROOT / "configs" / "mini" / f"{name}.yaml"
@@ -60,7 +60,7 @@ def score_folder(folder: str, data_dir: str) -> dict:
     import yaml
 
     from detoxrl.evaluation import judges, validity
-    from detoxrl.reward import ClassifierReward
+    from detoxrl.models.reward import ClassifierReward
 
     cfg = yaml.safe_load((Path(folder) / "config.yaml").read_text())
     data, settings = cfg["data"], cfg.get("validity") or {}
@@ -84,7 +84,7 @@ def linear_yardstick(cfg) -> float:
 
     from detoxrl.evaluation import validity
     from detoxrl.evaluation.stats import roc_auc
-    from detoxrl.reward_training import _read_splits
+    from detoxrl.supervised.reward_training import _read_splits
 
     train, _ = _read_splits(cfg)
     positive = cfg.data.labels.index(cfg.data.positive_label)
@@ -130,8 +130,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from detoxrl import __version__
-    from detoxrl.io import atomic_write_json, atomic_write_text
-    from detoxrl.run_folder import versions
+    from detoxrl.runs.io import atomic_write_json, atomic_write_text
+    from detoxrl.runs.run_folder import versions
 
     machine = {"argv": sys.argv, "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2)}
