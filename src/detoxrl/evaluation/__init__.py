@@ -3,8 +3,9 @@
 ``stats`` and ``quality`` are pure functions (numpy, rouge_score); ``tables`` writes the
 before/after comparison; ``report`` renders a run folder as one self-contained HTML page;
 ``runner`` generates, scores and writes an evaluation (``detoxrl evaluate`` and the demo call
-it); ``model_card`` writes a run's README. Imports ``detoxrl.errors``, ``config``, ``runs``,
-``models`` and ``data``.
+it); ``model_card`` writes a run's README; ``validity`` scores a reward classifier against
+gold toxicity labels (ROC-AUC) and reads what a reward folder records. Imports
+``detoxrl.errors``, ``config``, ``runs``, ``models`` and ``data``.
 """
 
 from __future__ import annotations
