@@ -23,7 +23,8 @@ from detoxrl.config import LoraSettings, ModelConfig, SamplingConfig
 from detoxrl.errors import ConfigError, ModelLoadError
 from detoxrl.models.generation import collate_queries
 from detoxrl.models.loading import resolve_dtype
-from detoxrl.models.policy import VALUE_HEAD_FILE, Policy, default_lora
+from detoxrl.models.lora import default_lora
+from detoxrl.models.policy import VALUE_HEAD_FILE, Policy
 from detoxrl.models.tiny import untie_lm_head
 from detoxrl.rl import math as rl_math
 

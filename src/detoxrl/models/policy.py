@@ -36,13 +36,10 @@ from .loading import (
     resolve_adapter,
     resolve_dtype,
 )
+from .lora import default_lora, lora_targets
 from .quiet import peft_wrapping
 from .rollout import Rollout
 
-DEFAULT_TARGETS = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"], "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "falcon": ["query_key_value"],
-}
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
@@ -65,17 +62,6 @@ class PolicyOutput(NamedTuple):
     logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
     values: Tensor | None         # (B, T) value before each response token
     entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
-
-
-def default_lora(model_type: str, is_seq2seq: bool, lora: LoraSettings):
-    """A peft ``LoraConfig`` with the tutorial's T5 defaults and per-architecture targets."""
-    from peft import LoraConfig, TaskType
-
-    targets = lora.target_modules or DEFAULT_TARGETS.get(model_type, ["q_proj", "v_proj"])
-    r = lora.r or (32 if model_type in ("t5", "mt5", "umt5") else 16)
-    return LoraConfig(r=r, lora_alpha=lora.alpha or r, lora_dropout=lora.dropout,
-                      target_modules=targets, bias="none",
-                      task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
 
 
 class Policy(nn.Module):
@@ -155,7 +141,7 @@ class Policy(nn.Module):
         if trained_adapter is None and cfg.adapter is None:  # a fresh LoRA: targets must exist
             from .loading import check_lora_targets
 
-            check_lora_targets(auto_cls, hf_config, _lora_targets(hf_config, lora),
+            check_lora_targets(auto_cls, hf_config, lora_targets(hf_config, lora),
                                cfg.trust_remote_code)
         base = load_pretrained(auto_cls, source, dtype=dtype, revision=cfg.revision,
                                trust_remote_code=cfg.trust_remote_code)
@@ -394,9 +380,3 @@ class Policy(nn.Module):
         if head.exists() and self.value_head is not None:
             self.value_head.load_state_dict(load_file(head))
 
-
-def _lora_targets(hf_config, lora):
-    if hasattr(lora, "peft_type"):
-        return lora.target_modules
-    return default_lora(hf_config.model_type, hf_config.is_encoder_decoder,
-                        lora or LoraSettings()).target_modules

@@ -324,7 +324,7 @@ def _build_lm(cfg: SFTConfig, rows: _Rows):
     if cfg.method == "lora":
         from peft import get_peft_model
 
-        from ..models.policy import default_lora
+        from ..models.lora import default_lora
         from ..models.quiet import peft_wrapping
 
         with peft_wrapping():
