@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from .. import __version__
-from .checkpoint import list_checkpoints
 from ..config import TrainConfig, to_dict
 from ..errors import ConfigError
+from .checkpoint import list_checkpoints
 from .io import atomic_write_json, atomic_write_text, check_writable, remove_leftovers, to_jsonable
 
 # What a run writes at the top of its folder; --overwrite removes these and nothing else.
