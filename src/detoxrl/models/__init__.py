@@ -4,6 +4,7 @@
 (the seq2seq/causal split lives there); ``reward`` the classifier rewards; ``loading``
 ``from_pretrained`` with clear errors; ``generation`` the sampling helpers; ``rollout`` the
 sampled batch (:class:`~detoxrl.models.rollout.Rollout`); ``tiny`` the offline test
-models; ``inference`` the public ``generate``; ``lora`` the default LoRA targets; ``quiet`` the library messages silenced
-around loading. Imports ``detoxrl.errors``, ``detoxrl.config`` and ``detoxrl.runs``.
+models; ``inference`` the public ``generate``; ``lora`` the default LoRA targets;
+``quiet`` the library messages silenced around loading. Imports ``detoxrl.errors``,
+``detoxrl.config`` and ``detoxrl.runs``.
 """
