@@ -166,7 +166,7 @@ def test_rl_stage_chains_the_earlier_stage_folders(tmp_path):
     config = stage.inputs["config"]
     assert config["model"]["name_or_path"] == "<demo>/2-policy"
     assert config["reward"]["model"] == "<demo>/1-reward"
-    assert config["reward"]["label"] == "nothate"
+    assert config["reward"]["label"] == "notoffensive"
     assert config["data"]["path"] == "<demo>/0-data/train.jsonl"
     assert config["data"]["kind"] == "rtp" and config["seed"] == 3
     gen = config["generation"]
@@ -211,7 +211,9 @@ def test_rl_stage_trains_on_the_data_stage_output(tmp_path, tiny_gpt2_path,
     data = run_stage(data_stage(cfg, paths), log=lambda _: None)
     shutil.copytree(tiny_classifier_path, paths.folder("reward"))
     shutil.copytree(tiny_gpt2_path, paths.folder("policy"))
-    stage = rl_stage(cfg, paths, QUICK["rl"], {"data": data.key}, quiet=True)
+    # The tiny classifier's labels are nothate/hate; the demo's reward is notoffensive/offensive.
+    stage = rl_stage(cfg, paths, [*QUICK["rl"], "--reward.label", "nothate"], {"data": data.key},
+                     quiet=True)
     result = run_stage(stage, log=lambda _: None)
     out = paths.folder("rl")
     assert result.result["steps"] == 2 and not result.cached

@@ -22,10 +22,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="A real detoxification, offline: reward, LM, PPO, evaluation, report.",
         description=paragraphs(
-            "Train a mini toxicity classifier on Dynabench and a mini LM on public text, "
-            "detoxify the LM with PPO on RealToxicityPrompts prompts, and evaluate it on "
-            "held-out prompts with an independent judge. Each stage is cached: a re-run "
-            "skips what is built and rebuilds what changed; --fresh rebuilds everything."),
+            "Train a mini offensive-language classifier on TweetEval offensive and a mini "
+            "LM on public text, detoxify the LM with PPO on RealToxicityPrompts prompts, "
+            "and evaluate it on held-out prompts with an independent judge. Each stage is "
+            "cached: a re-run skips what is built and rebuilds what changed; --fresh "
+            "rebuilds everything."),
         epilog="A stage's preset is overridden with dotted keys after its name, e.g.\n"
         "  detoxrl demo --rl.steps 80 --rl.ppo.init_kl_coef 0.05",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,7 +2,8 @@
 
 0. data: the RealToxicityPrompts prompts split by :func:`detoxrl.data.is_held_out` into the
    RL prompts and the two held-out evaluation sets (non-toxic, toxic);
-1. reward: a mini Dynabench classifier (:func:`detoxrl.supervised.reward_training.train_reward`);
+1. reward: a mini offensive-language classifier trained on TweetEval offensive
+   (:func:`detoxrl.supervised.reward_training.train_reward`), its validity measured;
 2. policy: a mini LM trained from scratch on public text (:func:`detoxrl.supervised.sft.sft`);
 3. RL: PPO with a fresh LoRA adapter on that LM (:func:`detoxrl.rl.detox_trainer.train`);
 4. evaluation of both held-out sets with the RealToxicityPrompts protocol;

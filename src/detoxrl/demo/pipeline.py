@@ -94,7 +94,7 @@ def data_stage(cfg: DemoConfig, paths: _Paths) -> Stage:
 def reward_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) -> Stage:
     from ..supervised.reward_training import RewardTrainingConfig, train_reward
 
-    rcfg = _supervised_config("reward-dynabench", RewardTrainingConfig,
+    rcfg = _supervised_config("reward-offensive", RewardTrainingConfig,
                               [*quick, *cfg.reward_overrides], paths, "reward", cfg.seed)
     return Stage("reward", paths.folder("reward"), _supervised_inputs(rcfg, paths),
                  lambda folder: train_reward(rcfg, overwrite=True, quiet=quiet))
@@ -112,7 +112,7 @@ def policy_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], quiet: bool) 
 def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[str, str],
              quiet: bool) -> Stage:
     """PPO with a fresh LoRA on the stage-2 LM, rewarded by the stage-1 classifier's
-    ``nothate``, on the stage-0 prompts."""
+    ``notoffensive``, on the stage-0 prompts."""
     tcfg = load_config(preset(f"detox-{cfg.arch}"), [
         *quick, "--seed", str(cfg.seed), *cfg.rl_overrides,
         "--model.name_or_path", str(paths.folder("policy")),
