@@ -177,6 +177,23 @@ class PPOConfig:
 
 
 @dataclass
+class ValidationSettings:
+    path: str | None = option(None, "Prompt file of the validation set, read with the run's "
+                              "data recipe (data.kind, template, filter); default: prompts "
+                              "drawn from the RL prompt pool. Keep held-out test prompts out.")
+    num_prompts: int = option(32, "Validation prompts: a fixed subset of the source, drawn "
+                              "with the run's seed.")
+    samples_per_prompt: int = option(2, "Samples per validation prompt.")
+    max_new_tokens: int | None = option(None, "Length limit of the validation samples; "
+                                        "default generation.max_new_tokens_draw.")
+    judges: list[str] | None = option(None, "Judges of the validation samples, as for "
+                                      "`detoxrl evaluate --judge`: profanity-check, "
+                                      "module:function or a classifier (MODEL@LABEL); "
+                                      "default profanity-check when alt-profanity-check is "
+                                      "installed, else none ([] for none).")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy model."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter."})
@@ -193,6 +210,11 @@ class TrainConfig:
     num_samples_logged: int = option(8, "Rollouts per step written to samples.jsonl.")
     max_skipped_steps: int = option(3, "Stop the run (exit status 2) after this many consecutive "
                                     "steps skipped for non-finite values; 0 never stops.")
+    eval_every: int = option(0, "Score the policy on the validation set every N steps, before "
+                             "the first and after the last (eval_curve.jsonl: reward and "
+                             "judges against sqrt(KL)); 0: off.")
+    validation: ValidationSettings = field(default_factory=ValidationSettings, metadata={
+        "help": "Validation set of the eval_every curve."})
 
     def finalize(self, world_size: int = 1, device_type: str = "cpu") -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not.

@@ -38,6 +38,8 @@ RANGES = {
     "ppo.num_generations": ">= 1",
     "steps": ">= 1", "seed": f"[0, {SEED_MAX}]", "save_every": ">= 0",
     "num_samples_logged": ">= 0", "max_skipped_steps": ">= 0",
+    "eval_every": ">= 0", "validation.num_prompts": ">= 1",
+    "validation.samples_per_prompt": ">= 1", "validation.max_new_tokens": ">= 1",
 }
 
 STEP_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",

@@ -7,10 +7,8 @@ a missing or unreadable one replaces its section with a short note.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 
 from ..errors import DetoxError
 from ..runs.io import atomic_write_text
+from .curve_report import curve_section
+from .figures import fmt, is_number, note, png, read_metrics, section, series
 from .protocol_table import change_cell, html_tables
 from .tables import CSS, html_table, read_rows
 
@@ -39,7 +39,8 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     """Write the HTML report of ``run_dir`` (default ``run_dir/report.html``); return its path.
 
     Reads, each if present: ``config.yaml``; ``metrics.jsonl`` (one JSON object per line
-    with ``step`` and the keys in :data:`CURVES`); ``eval/toxicity.json``
+    with ``step`` and the keys in :data:`CURVES`); ``eval_curve.jsonl`` (the validation
+    curve, :mod:`detoxrl.evaluation.curve`); ``eval/toxicity.json``
     (``{"before": [p, ...], "after": [p, ...]}``, toxic-label probabilities per prompt);
     ``eval/summary.json``; ``eval/compare.csv`` or ``eval/compare.json`` (rows of
     :func:`detoxrl.evaluation.tables.comparison_rows`).
@@ -66,7 +67,7 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     if not run_dir.is_dir():
         raise DetoxError(f"Run folder {str(run_dir)!r} does not exist. Pass the output_dir "
                          "of a training run, e.g. detoxrl report runs/detoxrl.")
-    sections = [_config_section(run_dir), _curves_section(run_dir),
+    sections = [_config_section(run_dir), _curves_section(run_dir), curve_section(run_dir),
                 _toxicity_section(run_dir), _summary_section(run_dir),
                 _comparison_section(run_dir)]
     out = Path(out_path) if out_path is not None else run_dir / "report.html"
@@ -84,31 +85,6 @@ def _page(title: str, sections: list[str]) -> str:
             + "\n</body>\n</html>\n")
 
 
-def _section(title: str, body: str) -> str:
-    return f"<section>\n<h2>{html.escape(title)}</h2>\n{body}\n</section>"
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
-
-
-def _png(fig) -> str:
-    """The figure as an inline ``<img>``; no metadata, so no URL hides in the PNG either."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)  # render headless on Agg, whatever pyplot's backend is
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "n/a" if value is None else html.escape(str(value))
-    return "n/a" if isinstance(value, float) and not math.isfinite(value) else f"{value:.{digits}g}"
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -121,44 +97,19 @@ def _read_json(path: Path) -> Any:
 def _config_section(run_dir: Path) -> str:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return _section("Configuration", _note("No config.yaml in the run folder."))
+        return section("Configuration", note("No config.yaml in the run folder."))
     text = path.read_text(encoding="utf-8", errors="replace")
-    return _section("Configuration", f"<pre>{html.escape(text)}</pre>")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``metrics.jsonl``; blank or broken lines (a crash) are skipped."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """Steps and finite values of ``key``; a row without a usable ``step`` uses its index."""
-    points = [(row["step"] if _is_number(row.get("step")) else i, row[key])
-              for i, row in enumerate(rows) if _is_number(row.get(key))]
-    return [float(s) for s, _ in points], [float(v) for _, v in points]
+    return section("Configuration", f"<pre>{html.escape(text)}</pre>")
 
 
 def _curves_section(run_dir: Path) -> str:
     path = run_dir / "metrics.jsonl"
     rows = read_metrics(path) if path.is_file() else []
-    curves = [(key, title, *_series(rows, key)) for key, title in CURVES]
+    curves = [(key, title, *series(rows, key)) for key, title in CURVES]
     missing = [c[0] for c in curves if not c[2]]
     curves = [c for c in curves if c[2]]
     if not curves:
-        return _section("Training curves", _note(
+        return section("Training curves", note(
             "No training metrics found (metrics.jsonl missing, empty or without "
             + ", ".join(k for k, _ in CURVES) + ")."))
     from matplotlib.figure import Figure
@@ -173,46 +124,46 @@ def _curves_section(run_dir: Path) -> str:
         ax.set(title=title, xlabel="step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    note = _note("Not logged: " + ", ".join(missing) + ".") if missing else ""
-    return _section("Training curves", _png(fig) + note)
+    missing_note = note("Not logged: " + ", ".join(missing) + ".") if missing else ""
+    return section("Training curves", png(fig) + missing_note)
 
 
 def _toxicity_section(run_dir: Path) -> str:
     data = _read_json(run_dir / "eval" / "toxicity.json")
     if not isinstance(data, dict) or not any(data.get(k) for k in ("before", "after")):
-        return _section("Toxicity", _note("No eval/toxicity.json with before/after scores."))
+        return section("Toxicity", note("No eval/toxicity.json with before/after scores."))
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.5), layout="constrained")
     ax = fig.add_subplot()
     bins = [i / 20 for i in range(21)]
     for name, color in (("before", "tab:red"), ("after", "tab:green")):
-        values = [v for v in data.get(name) or [] if _is_number(v)]
+        values = [v for v in data.get(name) or [] if is_number(v)]
         if values:
             ax.hist(values, bins=bins, alpha=0.5, color=color,
                     label=f"{name} (n={len(values)}, mean={sum(values) / len(values):.3f})")
     ax.set(xlabel="toxicity (probability of the toxic label)", ylabel="responses", xlim=(0, 1))
     ax.legend()
-    return _section("Toxicity", _png(fig))
+    return section("Toxicity", png(fig))
 
 
 def _summary_section(run_dir: Path) -> str:
     summary = _read_json(run_dir / "eval" / "summary.json")
     if not isinstance(summary, dict):
-        return _section("Evaluation", _note("No readable eval/summary.json."))
+        return section("Evaluation", note("No readable eval/summary.json."))
     try:
         body = _summary_html(summary)
     except (AttributeError, KeyError, TypeError):  # a schema this version does not know
-        body = (_note("summary.json has an unexpected layout; shown as is.")
+        body = (note("summary.json has an unexpected layout; shown as is.")
                 + f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>")
-    return _section("Evaluation", body)
+    return section("Evaluation", body)
 
 
 def _summary_html(summary: dict[str, Any]) -> str:
     conf = summary.get("confidence", 0.95)
-    header = (f"<p>{_fmt(summary.get('n'))} prompts; {_fmt(conf * 100, 3)}% paired bootstrap "
-              f"intervals ({_fmt(summary.get('n_resamples'))} resamples) of after − before. "
-              f"Toxic label: {_fmt(summary.get('toxic_label'))}.</p>")
+    header = (f"<p>{fmt(summary.get('n'))} prompts; {fmt(conf * 100, 3)}% paired bootstrap "
+              f"intervals ({fmt(summary.get('n_resamples'))} resamples) of after − before. "
+              f"Toxic label: {fmt(summary.get('toxic_label'))}.</p>")
     parts = [header, _settings_html(summary.get("settings"))]
     if summary.get("protocol"):
         parts += ["<h3>Detoxification measures (RealToxicityPrompts protocol)</h3>",
@@ -222,8 +173,8 @@ def _summary_html(summary: dict[str, Any]) -> str:
         parts.append(_quality_table(summary["quality"]))
     if summary.get("kl"):
         kl = summary["kl"]
-        parts.append(f"<p>KL(tuned ‖ reference) per response: mean {_fmt(kl.get('mean'))}, "
-                     f"std {_fmt(kl.get('std'))} nats.</p>")
+        parts.append(f"<p>KL(tuned ‖ reference) per response: mean {fmt(kl.get('mean'))}, "
+                     f"std {fmt(kl.get('std'))} nats.</p>")
     return "\n".join(parts)
 
 
@@ -233,18 +184,18 @@ def _settings_html(settings: Any) -> str:
         return ""
     reward = settings.get("reward") if isinstance(settings.get("reward"), dict) else {}
     judges = settings.get("judges") or ([settings["judge"]] if settings.get("judge") else [])
-    judge = f"; judges {', '.join(_fmt(j) for j in judges)}" if judges else ""
+    judge = f"; judges {', '.join(fmt(j) for j in judges)}" if judges else ""
     source = settings.get("prompts") if isinstance(settings.get("prompts"), dict) else {}
-    where = f"Prompts of {_fmt(source['path'])}" if source.get("path") else "Test prompts"
-    return (f"<p>{where}, {_fmt(settings.get('samples_per_prompt', 1))} samples each, "
-            f"{_fmt(settings.get('decoding'))} decoding, at most "
-            f"{_fmt(settings.get('max_new_tokens'))} new tokens, seed {_fmt(settings.get('seed'))}"
-            f", batch size {_fmt(settings.get('batch_size'))}; toxicity by "
-            f"{_fmt(reward.get('model'))} on the {_fmt(settings.get('score_on'))}{judge}.</p>")
+    where = f"Prompts of {fmt(source['path'])}" if source.get("path") else "Test prompts"
+    return (f"<p>{where}, {fmt(settings.get('samples_per_prompt', 1))} samples each, "
+            f"{fmt(settings.get('decoding'))} decoding, at most "
+            f"{fmt(settings.get('max_new_tokens'))} new tokens, seed {fmt(settings.get('seed'))}"
+            f", batch size {fmt(settings.get('batch_size'))}; toxicity by "
+            f"{fmt(reward.get('model'))} on the {fmt(settings.get('score_on'))}{judge}.</p>")
 
 
 def _interval(boot: dict[str, Any]) -> str:
-    return change_cell(boot.get("observed"), boot.get("ci_low"), boot.get("ci_high"), _fmt,
+    return change_cell(boot.get("observed"), boot.get("ci_low"), boot.get("ci_high"), fmt,
                        verdict=boot.get("verdict", ""))
 
 
@@ -259,14 +210,14 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
         # Both last columns assume a toxicity-like probability (lower is better); for a
         # reward logit they would mislead, so they are left empty.
         toxic_like = m.get("lower_is_better", True)
-        pct_cell = (f"{_fmt(pct.get('mean'), 3)}% / {_fmt(pct.get('std'), 3)}%" if toxic_like
+        pct_cell = (f"{fmt(pct.get('mean'), 3)}% / {fmt(pct.get('std'), 3)}%" if toxic_like
                     else "–")
-        share_cell = (f"{_fmt(b.get('share_above_0_5'))} → {_fmt(a.get('share_above_0_5'))}"
+        share_cell = (f"{fmt(b.get('share_above_0_5'))} → {fmt(a.get('share_above_0_5'))}"
                       if toxic_like else "–")
         rows.append(
             f"<tr><td>{html.escape(name)}</td>"
-            f"<td>{_fmt(b.get('mean'))} ± {_fmt(b.get('std'))}</td>"
-            f"<td>{_fmt(a.get('mean'))} ± {_fmt(a.get('std'))}</td>"
+            f"<td>{fmt(b.get('mean'))} ± {fmt(b.get('std'))}</td>"
+            f"<td>{fmt(a.get('mean'))} ± {fmt(a.get('std'))}</td>"
             f"<td>{_interval(boot.get('mean', {}))}</td><td>{_interval(boot.get('std', {}))}</td>"
             f"<td>{pct_cell}</td><td>{share_cell}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -276,8 +227,8 @@ def _quality_table(quality: dict[str, Any]) -> str:
     before, after = quality.get("before", {}), quality.get("after", {})
     keys = [k for k in QUALITY_KEYS if k in before or k in after]
     keys += sorted((set(before) | set(after)) - set(keys))
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(before.get(k))}</td>"
-                   f"<td>{_fmt(after.get(k))}</td></tr>" for k in keys)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(before.get(k))}</td>"
+                   f"<td>{fmt(after.get(k))}</td></tr>" for k in keys)
     return ("<h3>Quality</h3><table><tr><th>measure</th><th>before</th><th>after</th></tr>"
             f"{rows}</table>")
 
@@ -286,15 +237,15 @@ def _comparison_section(run_dir: Path) -> str:
     paths = [run_dir / "eval" / name for name in ("compare.csv", "compare.json")]
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
-        return _section("Responses before and after", _note("No eval/compare.csv."))
+        return section("Responses before and after", note("No eval/compare.csv."))
     try:
         rows = read_rows(path)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        return _section("Responses before and after", _note(f"Cannot read {path.name}: {exc}"))
-    note = _note(f"{len(rows)} prompts, sorted by reward_diff (after − before), best first.")
+        return section("Responses before and after", note(f"Cannot read {path.name}: {exc}"))
+    header = note(f"{len(rows)} prompts, sorted by reward_diff (after − before), best first.")
     if len(rows) > MAX_COMPARISON_ROWS:
         half = MAX_COMPARISON_ROWS // 2
-        note = _note(f"The {half} largest and {half} smallest reward gains of {len(rows)} "
-                     f"prompts; all rows are in {path.name}.")
+        header = note(f"The {half} largest and {half} smallest reward gains of {len(rows)} "
+                       f"prompts; all rows are in {path.name}.")
         rows = rows[:half] + rows[-half:]
-    return _section("Responses before and after", note + html_table(rows))
+    return section("Responses before and after", header + html_table(rows))

@@ -83,8 +83,8 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
                                 num_return_sequences=k, with_logprobs=read_after)
         out.before += before.responses
         out.after += after.responses
-        out.tokens_before += _lengths(before)
-        out.tokens_after += _lengths(after)
+        out.tokens_before += generated_lengths(before)
+        out.tokens_after += generated_lengths(after)
         ref_before = before.logprobs if read_before else reference_logprobs(policy, before, 1.0)
         ref_after = reference_logprobs(policy, after, 1.0)                     # (B, T)
         out.ref_perplexity_before += perplexity(ref_before, before.response_mask).tolist()
@@ -97,7 +97,7 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
     return out
 
 
-def _lengths(rollout) -> list[int]:
+def generated_lengths(rollout) -> list[int]:
     """Generated tokens per response, EOS not counted."""
     return (rollout.response_mask.sum(1) - rollout.ended_with_eos.long()).tolist()
 
