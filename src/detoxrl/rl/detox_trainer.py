@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, to_dict
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..runs import run_folder
 from ..runs.preflight import check_hub_resources, check_trackers, default_cpu_threads
 from . import distributed as dist
 from .assembly import batch_indices, build_learner, step_seed
 from .inputs import (
-    NOT_REWARD_COLUMNS,
     build_tiny_first,
     named_resources,
     policy_tokenizer,
     prompt_dataset,
     record_names,
+    reward_columns,
 )
 from .learner import Learner
 
@@ -59,6 +59,8 @@ class DetoxTrainer:
                  reward_weights: list[float] | None = None, quiet: bool = False):
         from transformers import TrainerControl
 
+        from ..evaluation.curve import Validator
+
         self.args = args = args if args is not None else TrainConfig()
         self.quiet = quiet
         record_names(args, model, peft_config)
@@ -72,6 +74,9 @@ class DetoxTrainer:
         # Data errors surface before the models load; the prompts need only the tokenizer.
         self.train_dataset, self.eval_dataset = self._prompt_datasets(
             train_dataset, eval_dataset, tokenizer)
+        with dist.whole_weights(self.accelerator):  # a judge classifier is never sharded
+            self.validator = Validator.build(args, self.train_dataset, tokenizer,
+                                             self.accelerator.device)  # before the policy
         self.learner = build_learner(
             args, self.accelerator, reward_funcs, quiet, model=model if not isinstance(
                 model, str) else None, tokenizer=None if processing_class is None else tokenizer,
@@ -131,6 +136,8 @@ class DetoxTrainer:
         self.state.global_step = first_step
         self.control.should_training_stop = False
         self._callback("on_train_begin")
+        if first_step == 0 and self.should_evaluate(0):
+            self._log({"step": 0, **self.curve_point(0)})
         history = self._loop(first_step)
         self.save_model()
         self._callback("on_train_end")
@@ -148,6 +155,8 @@ class DetoxTrainer:
             self._callback("on_step_begin")
             result = self._step(step)
             metrics = {"step": step + 1, **result.metrics, **self._reward_metrics()}
+            if self.should_evaluate(step + 1):
+                metrics.update(self.curve_point(step + 1))
             history.append(metrics)
             self._log(metrics, result, bar)
             bad = not result.applied or metrics.get("ppo/skipped_updates", 0) > 0
@@ -173,9 +182,8 @@ class DetoxTrainer:
         rows = self.train_dataset[batch_indices(step, len(self.train_dataset), cfg, rank)]
         pad_id, side = self.policy.tokenizer.pad_token_id, self.policy.padding_side
         query_ids, query_mask = collate_queries(rows["input_ids"], pad_id, side)
-        columns = {k: v for k, v in rows.items() if k not in NOT_REWARD_COLUMNS}
         return self.learner.step(query_ids, query_mask, rows["query"],
-                             step_seed(cfg.seed, step, rank), columns)
+                                 step_seed(cfg.seed, step, rank), reward_columns(rows))
 
     def _reward_metrics(self) -> dict[str, float]:
         """``env/reward/<name>``: each reward's mean over every process (NaN = None skipped)."""
@@ -187,19 +195,43 @@ class DetoxTrainer:
             out[f"env/reward/{name}"] = float(mean) if float(count) else float("nan")
         return out
 
-    def _log(self, metrics: dict, result, bar) -> None:
+    def _log(self, metrics: dict, result=None, bar=None) -> None:
+        """One metrics line; ``result`` and ``bar`` for a training step (not step 0)."""
         cfg, acc = self.args, self.accelerator
         if acc.is_main_process:
             out = Path(cfg.output_dir)
             run_folder.append_jsonl(out / "metrics.jsonl", [metrics])
-            run_folder.append_jsonl(out / "samples.jsonl", run_folder.samples(
-                metrics["step"], result.rollout, cfg.num_samples_logged))
-            bar.set_postfix(reward=f"{metrics.get('env/reward_mean', float('nan')):.3f}",
-                            kl=f"{metrics.get('objective/kl', float('nan')):.3f}")
+            if result is not None:
+                run_folder.append_jsonl(out / "samples.jsonl", run_folder.samples(
+                    metrics["step"], result.rollout, cfg.num_samples_logged))
         if cfg.log_with:
             acc.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.state.log_history.append(metrics)
-        bar.update(1)
+        if bar is not None:
+            bar.set_postfix(reward=f"{metrics.get('env/reward_mean', float('nan')):.3f}",
+                            kl=f"{metrics.get('objective/kl', float('nan')):.3f}")
+            bar.update(1)
+
+    # ------------------------------------------------------------------ validation curve
+    def should_evaluate(self, step: int) -> bool:
+        """Whether the validation curve gets a point after ``step`` steps (0: before the
+        first): every ``args.eval_every`` steps and after the last. Override to choose."""
+        every = self.args.eval_every
+        return every > 0 and (step % every == 0 or step == self.args.steps)
+
+    def curve_point(self, step: int) -> dict[str, float]:
+        """Score the current policy on the validation set (``eval/*`` metrics, see
+        :mod:`detoxrl.evaluation.curve`); the point is appended to ``eval_curve.jsonl``."""
+        from ..evaluation.curve import CURVE_FILE
+
+        if self.validator is None:
+            raise ConfigError("The validation curve is off: set eval_every to N > 0.")
+        metrics = self.validator(self.learner, reward_columns)
+        if self.accelerator.is_main_process:
+            run_folder.append_jsonl(Path(self.args.output_dir) / CURVE_FILE,
+                                    [{"step": step, **metrics}])
+        self._callback("on_evaluate", metrics=metrics)
+        return metrics
 
     def _checkpoint(self, step: int) -> None:
         from ..runs.checkpoint import save_checkpoint
@@ -242,8 +274,8 @@ class DetoxTrainer:
             batch = self.policy.generate(ids.to(self.accelerator.device),
                                          mask.to(self.accelerator.device),
                                          self.args.generation, queries=rows["query"])
-            columns = {k: v for k, v in rows.items() if k not in NOT_REWARD_COLUMNS}
-            totals.append(self.reward_funcs(batch.queries, batch.responses, **columns))
+            totals.append(self.reward_funcs(batch.queries, batch.responses,
+                                            **reward_columns(rows)))
             lengths.append(batch.response_mask.sum(1).float().cpu())
             for name, scores in self.reward_funcs.last.items():
                 parts.setdefault(name, []).append(scores)

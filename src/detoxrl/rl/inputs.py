@@ -17,6 +17,11 @@ from ..errors import ConfigError, DataError
 NOT_REWARD_COLUMNS = ("query", "prompt", "input_ids")
 
 
+def reward_columns(rows: dict[str, list]) -> dict[str, list]:
+    """The columns of a batch of prompt rows that the rewards receive."""
+    return {k: v for k, v in rows.items() if k not in NOT_REWARD_COLUMNS}
+
+
 def prompt_dataset(dataset: Any, tokenizer, max_tokens: int):
     """A user's ``datasets.Dataset`` as training prompts: ``query`` and ``input_ids`` added.
 

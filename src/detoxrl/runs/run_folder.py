@@ -28,7 +28,8 @@ from .checkpoint import list_checkpoints
 from .io import atomic_write_json, atomic_write_text, check_writable, remove_leftovers, to_jsonable
 
 # What a run writes at the top of its folder; --overwrite removes these and nothing else.
-RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "samples.md", "checkpoints", "eval",
+RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval_curve.jsonl", "samples.md",
+               "checkpoints", "eval",
                "report.html", "README.md", "config.yaml", "run_info.json",
                "adapter_config.json", "adapter_model.safetensors", "value_head.safetensors",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,7 +38,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "samples.md", "checkpoints", "e
 
 # Options a resumed run may change: they extend or log the run, not its result.
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_with", "num_samples_logged", "output_dir",
-                     "max_skipped_steps")
+                     "max_skipped_steps", "eval_every")
 _DERIVED = ("ppo.world_size", "ppo.local_batch_size", "ppo.local_mini_batch_size",
             "ppo.micro_batch_size", "ppo.num_mini_batches")
 
@@ -146,7 +147,7 @@ def write_run_files(out: Path, cfg: TrainConfig, accelerator, first_step: int,
     atomic_write_json(out / "run_info.json", run_info(cfg, accelerator, rewards))
     # A resumed run continues the log from its checkpoint; later lines belonged to the
     # interrupted attempt and are dropped.
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "eval_curve.jsonl"):
         path = out / name
         if path.exists():
             kept = [ln for ln in path.read_text(errors="replace").splitlines()
