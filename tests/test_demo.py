@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from detoxrl.cli import main
 from detoxrl.data.prompts import is_held_out
@@ -226,6 +227,12 @@ def test_rl_stage_trains_on_the_data_stage_output(tmp_path, tiny_gpt2_path,
     trained_on = {json.loads(line)["prompt"]["text"]
                   for line in (paths.folder("data") / "train.jsonl").open()}
     assert queries and queries <= trained_on, "RL rolls out the data stage's prompts"
+    # The validation curve draws from the same pool (validation.path unset), never from the
+    # held-out files.
+    assert yaml.safe_load(saved)["validation"]["path"] is None
+    curve = [json.loads(line) for line in (out / "eval_curve.jsonl").open()]
+    assert [p["step"] for p in curve] == [0, 2]
+    assert "eval/judge/profanity-check/mean_toxicity" in curve[0]
     assert run_stage(stage, log=lambda _: None).cached
 
 

@@ -24,7 +24,7 @@ QUICK = {
                    ("davidson", 20), ("tweeteval", 20), ("dynabench", 20))],
                *_TINY_MODEL],
     "rl": ["--steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
-           "--ppo.ppo_epochs", "1"],
+           "--ppo.ppo_epochs", "1", "--validation.num_prompts", "8"],
 }
 QUICK_DATA = {"max_train": 64, "max_eval": 4}
 QUICK_SAMPLES_PER_PROMPT = 2
