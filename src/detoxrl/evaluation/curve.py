@@ -136,37 +136,39 @@ def validation_prompts(cfg: TrainConfig, pool, tokenizer):
 class Validator:
     """Scores the policy on the validation set; one call gives one point of the curve."""
 
-    def __init__(self, cfg: TrainConfig, prompts, judges: list):
+    def __init__(self, cfg: TrainConfig, prompts, judges: list, synced_gpus: bool = False):
         self.cfg, self.prompts, self.judges = cfg, prompts, judges
+        self.synced_gpus = synced_gpus  # ZeRO-3: every rank steps until all are done
         v = cfg.validation
         self.k = v.samples_per_prompt
         self.max_new_tokens = v.max_new_tokens or cfg.generation.max_new_tokens_draw
 
     @classmethod
-    def build(cls, cfg: TrainConfig, pool, tokenizer, device: Any = None) -> Validator | None:
+    def build(cls, cfg: TrainConfig, pool, tokenizer, device: Any = None,
+              synced_gpus: bool = False) -> Validator | None:
         """None when ``eval_every`` is 0; prompts and judges are checked here, before the
         policy loads."""
         if not cfg.eval_every:
             return None
         prompts = validation_prompts(cfg, pool, tokenizer)
-        return cls(cfg, prompts, load_validation_judges(cfg, device))
+        return cls(cfg, prompts, load_validation_judges(cfg, device), synced_gpus)
 
     @torch.no_grad()
-    def __call__(self, ppo, reward_columns: Callable[[dict], dict]) -> dict[str, float]:
-        """One point for the current weights of ``ppo`` (a :class:`PPOTrainer`);
+    def __call__(self, learner, reward_columns: Callable[[dict], dict]) -> dict[str, float]:
+        """One point for the current weights of ``learner`` (an ``rl.learner.Learner``);
         ``reward_columns(rows)``: the prompt rows' columns the rewards receive."""
-        device = ppo.accelerator.device
+        device = learner.accelerator.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            samples = self._sample(ppo, reward_columns)
+            samples = self._sample(learner, reward_columns)
         scores = {j.name: j(samples["responses"]) for j in self.judges}
         return curve_metrics(samples["rewards"], scores, samples["kl"],
                              samples["responses"], self.k, samples["lengths"])
 
-    def _sample(self, ppo, reward_columns) -> dict[str, list]:
+    def _sample(self, learner, reward_columns) -> dict[str, list]:
         from ..models.generation import collate_queries
         from .sampling import generated_lengths, reference_logprobs, sequence_kl
 
-        policy, sampling = ppo.policy, self.cfg.generation
+        policy, sampling = learner.policy, self.cfg.generation
         out: dict[str, list] = {"rewards": [], "kl": [], "responses": [], "lengths": []}
         size = self.cfg.ppo.local_batch_size or self.cfg.ppo.batch_size
         for b, start in enumerate(range(0, len(self.prompts), size)):
@@ -174,15 +176,16 @@ class Validator:
             ids, mask = collate_queries(rows["input_ids"], policy.tokenizer.pad_token_id,
                                         policy.padding_side)
             torch.manual_seed(self.cfg.seed + b)  # the same draws at every point
-            batch = policy.generate(ids.to(ppo.accelerator.device),
-                                    mask.to(ppo.accelerator.device), sampling,
+            batch = policy.generate(ids.to(learner.accelerator.device),
+                                    mask.to(learner.accelerator.device), sampling,
                                     [self.max_new_tokens] * len(rows["query"]), rows["query"],
-                                    num_return_sequences=self.k, with_logprobs=True)
-            with ppo.accelerator.autocast():
+                                    synced_gpus=self.synced_gpus, num_return_sequences=self.k,
+                                    with_logprobs=True)
+            with learner.accelerator.autocast():
                 ref = reference_logprobs(policy, batch, sampling.temperature)
             out["kl"] += sequence_kl(policy, batch, sampling.temperature, ref.float(),
                                      batch.logprobs.float()).tolist()
-            rewards = ppo.reward_fn(batch.queries, batch.responses, **reward_columns(rows))
+            rewards = learner.reward_fn(batch.queries, batch.responses, **reward_columns(rows))
             out["rewards"] += torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).tolist()
             out["responses"] += batch.responses
             out["lengths"] += generated_lengths(batch)

@@ -75,8 +75,9 @@ class DetoxTrainer:
         self.train_dataset, self.eval_dataset = self._prompt_datasets(
             train_dataset, eval_dataset, tokenizer)
         with dist.whole_weights(self.accelerator):  # a judge classifier is never sharded
-            self.validator = Validator.build(args, self.train_dataset, tokenizer,
-                                             self.accelerator.device)  # before the policy
+            self.validator = Validator.build(  # before the policy loads
+                args, self.train_dataset, tokenizer, self.accelerator.device,
+                synced_gpus=dist.zero_stage(self.accelerator) == 3)
         self.learner = build_learner(
             args, self.accelerator, reward_funcs, quiet, model=model if not isinstance(
                 model, str) else None, tokenizer=None if processing_class is None else tokenizer,
