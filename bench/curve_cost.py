@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": times, "cpu_ratio": ratio,
         "wall_ratio": times["with"]["wall_s"] / times["without"]["wall_s"],
         "target_ratio": TARGET_RATIO, "met": ratio <= TARGET_RATIO,
-        "training_identical": same, "last_point": curve[-1],
+        "training_identical": same, "curve": curve,
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "load_before": load_before,
                     "load_after": os.getloadavg()},
