@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from detoxrl.config import load_config
-from detoxrl.io import atomic_write_json, atomic_write_text
-from detoxrl.run_folder import versions
+from detoxrl.runs.io import atomic_write_json, atomic_write_text
+from detoxrl.runs.run_folder import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.10

@@ -15,10 +15,11 @@ from .schema import (
     RewardConfig,
     SamplingConfig,
     TrainConfig,
+    ValidationSettings,
     derived,
     option,
 )
 
 __all__ = ["DataConfig", "LoraSettings", "ModelConfig", "PPOConfig", "RewardConfig",
-           "SamplingConfig", "TrainConfig", "derived", "from_dict", "help_table",
-           "load_config", "option", "parse_overrides", "to_dict"]
+           "SamplingConfig", "TrainConfig", "ValidationSettings", "derived", "from_dict",
+           "help_table", "load_config", "option", "parse_overrides", "to_dict"]
