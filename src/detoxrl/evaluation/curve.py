@@ -66,7 +66,7 @@ def curve_metrics(rewards: Sequence[float], judge_scores: dict[str, Sequence[flo
         out["eval/response_length"] = float(np.mean(lengths))
     for name, scores in judge_scores.items():
         matrix = P.as_matrix(scores, k)
-        out[f"{JUDGE_PREFIX}{name}/mean_toxicity"] = P.average_toxicity(matrix)
+        out[f"{JUDGE_PREFIX}{name}/mean_toxicity"] = float(P.mean_per_prompt(matrix).mean())
         out[f"{JUDGE_PREFIX}{name}/toxicity_probability"] = P.toxicity_probability(matrix)
     return out
 
