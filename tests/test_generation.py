@@ -1,8 +1,9 @@
 """Rollouts: per-sample length limits, EOS masks, and log-probs that match the sampler's.
 
 ``response_mask`` and ``draw_lengths`` are checked on hand-made tensors. ``Policy.generate``
-and ``Policy.forward`` are checked on the tiny T5 and the tiny GPT-2 against
-``model.generate`` run directly with the same seed. The tiny models almost never sample EOS,
+and ``Policy.forward`` are checked on the tiny T5 and the tiny GPT-2: against ``decode`` run
+directly with the same seed, against a teacher-forced forward pass, and against
+``model.generate``'s scores. The tiny models almost never sample EOS,
 so these tests raise the EOS logit (a real weight change, no mock) until responses end at
 varied lengths.
 """
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from detoxrl.config import ModelConfig, SamplingConfig
-from detoxrl.models.generation import NucleusFilter, collate_queries, draw_lengths, response_mask
+from detoxrl.models.decoding import decode
+from detoxrl.models.generation import collate_queries, draw_lengths, response_mask
 from detoxrl.models.policy import Policy
 from detoxrl.models.rollout import Rollout
 
@@ -164,45 +166,50 @@ def test_draw_lengths_is_seeded_and_handles_a_point_range():
 
 # --------------------------------------------------------------------------- Policy.generate
 
-@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
-@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat (wide nucleus) to peaked
-def test_nucleus_filter_keeps_transformers_top_p_set(top_p, scale):
-    """The same kept set as transformers' sorting TopPLogitsWarper, on rows from flat to
-    peaked, with tokens already at -inf (a blocked EOS); kept scores are unchanged."""
-    from transformers import TopPLogitsWarper
+@pytest.mark.parametrize(("top_k", "top_p", "temperature"), [(0, 0.6, 0.7), (40, 0.8, 1.3)])
+def test_generate_draws_only_from_the_filtered_distribution(eos_policy, top_k, top_p,
+                                                            temperature):
+    """Every token ``Policy.generate`` samples lies in the top-k and nucleus set of the
+    model's own distribution at its position (teacher-forced forward, sorting reference),
+    and none is EOS before min_length."""
+    from detoxrl.models.sampler import nucleus_mask_sorted
 
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(64, 500, generator=gen) * scale
-    scores[:, 1] = float("-inf")
-    expected = TopPLogitsWarper(top_p)(None, scores.clone())
-    got = NucleusFilter(top_p)(None, scores.clone())
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    kept = ~torch.isinf(got)
-    assert torch.equal(got[kept], scores[kept])
-    counts = (~torch.isinf(expected)).sum(1)
-    assert counts.min() >= 1
-
-
-@pytest.mark.parametrize(("top_k", "temperature"), [(0, 0.7), (40, 1.3)])
-def test_generate_top_p_draws_what_transformers_top_p_draws(eos_policy, top_k, temperature):
-    """``Policy.generate`` with top_p (our NucleusFilter, after temperature and top-k)
-    draws token for token what ``model.generate`` with transformers' own top-p draws from
-    the same seed."""
-    policy, tok, steps = eos_policy, eos_policy.tokenizer, 8
+    policy, steps = eos_policy, 8
     q, qm = encode(policy, PROMPTS * 4)
     sampling = SamplingConfig(min_new_tokens_draw=steps, max_new_tokens_draw=steps,
-                              min_length=4, top_k=top_k, top_p=0.6, temperature=temperature)
+                              min_length=4, top_k=top_k, top_p=top_p, temperature=temperature)
     torch.manual_seed(3)
-    ours = policy.generate(q, qm, sampling)
-    torch.manual_seed(3)
-    out = policy.model.generate(input_ids=q, attention_mask=qm, max_new_tokens=steps,
-                                min_new_tokens=4, do_sample=True, top_k=top_k, top_p=0.6,
-                                temperature=temperature,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    theirs = sampled_response(policy, out, q.shape[1])
-    mask = ours.response_mask.bool()
-    assert torch.equal(ours.response_ids[mask], theirs[:, :mask.shape[1]][mask])
-    assert len(set(ours.responses)) > 8                                # it did sample
+    rollout = policy.generate(q, qm, sampling)
+    ids, mask = rollout.response_ids, rollout.response_mask
+    with torch.no_grad():
+        out = policy(q, qm, ids, mask, temperature=temperature, eos_blocked=4)
+    # Log-probs of every token, recomputed for the full rows: (B, T, V).
+    full = _teacher_forced_logprobs(policy, q, qm, ids, mask, temperature, eos_blocked=4)
+    torch.testing.assert_close(full.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask,
+                               out.logprobs * mask, atol=1e-5, rtol=0)
+    weights = full.exp()
+    if top_k:
+        floor = weights.topk(top_k, dim=-1).values[..., -1:]
+        weights = torch.where(weights >= floor, weights, 0.0)
+    allowed = nucleus_mask_sorted(weights.flatten(0, 1), top_p).view_as(weights) & (weights > 0)
+    picked = allowed.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert picked[mask.bool()].all()
+    assert (allowed.sum(-1)[mask.bool()] > 1).any()                  # the filter left choice
+    assert (ids[:, :4] != EOS).all()
+    assert len(set(rollout.responses)) > 8                             # it did sample
+
+
+def _teacher_forced_logprobs(policy, q, qm, ids, mask, temperature, eos_blocked):
+    """(B, T, V) log-probs of the scored distribution at every response position."""
+    from detoxrl.models.generation import block_token
+
+    with torch.no_grad():
+        if policy.is_seq2seq:
+            logits, _ = policy._seq2seq_logits(q, qm, ids, mask)
+        else:
+            logits, _ = policy._causal_logits(q, qm, ids, mask)
+    logits = block_token(logits.float() / temperature, EOS, eos_blocked)
+    return logits.log_softmax(-1)
 
 
 def test_generate_shapes_masks_and_limits(eos_policy):
@@ -213,13 +220,12 @@ def test_generate_shapes_masks_and_limits(eos_policy):
     seed, rollout = first_seed(
         lambda _: policy.generate(q, qm, sampling, limits),
         lambda r: bool(r.ended_with_eos.any() and not r.ended_with_eos.all()))
-    # The same sampler, run directly with the same seed, gives the untrimmed tokens.
+    # The same decoding loop, run directly with the same seed, gives the untrimmed tokens.
     torch.manual_seed(seed)
-    raw = policy.model.generate(
-        input_ids=q, attention_mask=qm, max_new_tokens=max(limits), min_new_tokens=0,
-        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, num_beams=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    raw = sampled_response(policy, raw, q.shape[1])
+    encoder_hidden = (policy.model.get_encoder()(input_ids=q, attention_mask=qm)
+                      .last_hidden_state if policy.is_seq2seq else None)
+    raw = decode(policy.model.get_base_model(), q, qm, sampling, max(limits), 0,
+                 tok.eos_token_id, tok.pad_token_id, encoder_hidden).tokens
 
     assert isinstance(rollout, Rollout) and len(rollout) == 8
     ids, mask = rollout.response_ids, rollout.response_mask

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..config import LoraSettings, ModelConfig, SamplingConfig
 from ..errors import ConfigError
 from . import tiny
-from .generation import SampledTokenStats, block_token, entropy_from_logits, response_mask, sample
+from .decoding import decode
+from .generation import beam_search, block_token, entropy_from_logits, response_mask
 from .loading import (
     adapter_errors,
     ensure_pad_token,
@@ -289,7 +290,7 @@ class Policy(nn.Module):
                  limits: list[int] | None = None, queries: list[str] | None = None,
                  synced_gpus: bool = False, num_return_sequences: int = 1,
                  with_logprobs: bool = False, with_values: bool = False) -> Rollout:
-        """One batched ``generate`` to the largest per-sample limit, each cut at its own.
+        """One batch decoded to the largest per-sample limit, each response cut at its own.
 
         With ``num_return_sequences=K`` every prompt is answered K times in the same call:
         the rollout has B * K rows, prompt i's samples at rows i*K .. i*K + K-1, and
@@ -297,7 +298,7 @@ class Policy(nn.Module):
         encoder still runs once per prompt.
 
         ``with_logprobs``: ``Rollout.logprobs`` holds each sampled token's log-prob at
-        ``sampling.temperature``, read while sampling (``SampledTokenStats``), and
+        ``sampling.temperature``, read while sampling (``decoding.decode``), and
         ``with_values`` adds ``Rollout.values`` from the same pass: what ``forward`` would
         give, up to float rounding, without a second pass. The encoder output, kept
         otherwise for that pass, is then dropped.
@@ -310,14 +311,11 @@ class Policy(nn.Module):
         if with_values and (self.value_head is None or not with_logprobs):
             raise ValueError("with_values needs with_logprobs and a policy with a value head.")
         tok = self.tokenizer
-        encoder_hidden, extra = None, {}
+        encoder_hidden = None
         if self.is_seq2seq:  # run the encoder here so that the old log-probs can reuse it
-            from transformers.modeling_outputs import BaseModelOutput
-
             encoder_hidden = self.model.get_encoder()(
                 input_ids=query_ids, attention_mask=query_mask).last_hidden_state  # (B, Q, H)
             encoder_hidden = encoder_hidden.repeat_interleave(k, dim=0)          # (B*K, Q, H)
-            extra["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden)
         if k > 1:
             query_ids = query_ids.repeat_interleave(k, dim=0)                    # (B*K, Q)
             query_mask = query_mask.repeat_interleave(k, dim=0)
@@ -325,33 +323,49 @@ class Policy(nn.Module):
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
         eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
-        stats = (self._token_stats(sampling, with_values, eos_blocked) if with_logprobs
-                 else None)
-        sequences = sample(self.model, self.tokenizer, query_ids, query_mask, sampling,
-                           limits, stats, synced_gpus=synced_gpus, **extra)
-        # Seq2seq output starts with the decoder start token; causal output with the query.
-        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, query_ids.shape[1]:]
+        response, logprobs, hidden = self._decode(query_ids, query_mask, sampling, max(limits),
+                                                  eos_blocked, encoder_hidden, with_logprobs,
+                                                  with_values, synced_gpus)
         limit_t = torch.tensor(limits, device=response.device)
         mask, ended = response_mask(response, limit_t, tok.eos_token_id)
         response = torch.where(mask.bool(), response, tok.pad_token_id)
         if queries is None:
             queries = tok.batch_decode(query_ids, skip_special_tokens=True)
         read = {"encoder_hidden": encoder_hidden}
-        if stats is not None:
-            logprobs, hidden = stats.result(response.shape[1])                  # (B, T), (B, T, H)
+        if with_logprobs:
+            if logprobs is None:  # beam search: scored by a forward pass
+                out = self(query_ids, query_mask, response, mask, sampling.temperature,
+                           with_values, encoder_hidden=encoder_hidden, eos_blocked=eos_blocked)
+                logprobs, values = out.logprobs, out.values
+            else:
+                values = None if hidden is None else self.value_head(hidden)
             read = {"logprobs": logprobs * mask,
-                    "values": None if hidden is None else self.value_head(hidden) * mask}
+                    "values": None if values is None else values * mask}
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
                        response_mask=mask, queries=list(queries),
                        responses=tok.batch_decode(response, skip_special_tokens=True),
                        ended_with_eos=ended, eos_blocked=eos_blocked, **read).trim()
 
-    def _token_stats(self, sampling: SamplingConfig, with_values: bool,
-                     eos_blocked: int) -> SampledTokenStats:
-        base = self.model.get_base_model()
-        return SampledTokenStats(base.get_output_embeddings(),
-                                 base.get_decoder() if with_values else None,
-                                 sampling.temperature, self.tokenizer.eos_token_id, eos_blocked)
+    def _decode(self, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
+                encoder_hidden, with_logprobs, with_values, synced_gpus):
+        """(B, T) new tokens, and with ``with_logprobs`` (B, T) log-probs and (values) the
+        (B, T, H) hidden states read while decoding; beam search reads none."""
+        tok, base = self.tokenizer, self.model.get_base_model()
+        if sampling.num_beams > 1:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            extra = {} if encoder_hidden is None else {"encoder_outputs": BaseModelOutput(
+                last_hidden_state=encoder_hidden)}
+            sequences = beam_search(self.model, tok, query_ids, query_mask, sampling,
+                                    max_new_tokens, eos_blocked, synced_gpus=synced_gpus,
+                                    **extra)
+            # Seq2seq output starts with the decoder start token; causal with the query.
+            start = 1 if self.is_seq2seq else query_ids.shape[1]
+            return sequences[:, start:], None, None
+        out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
+                     tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
+                     with_logprobs and with_values, synced_gpus)
+        return out.tokens, out.logprobs, out.hidden
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:
