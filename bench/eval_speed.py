@@ -79,7 +79,7 @@ def main(argv=None) -> int:
               "load_average_before_after": [load[0], os.getloadavg()[0]]}
     print(json.dumps(result["ratio_after_before"]))
     if args.out:
-        from detoxrl.io import atomic_write_json
+        from detoxrl.runs.io import atomic_write_json
 
         atomic_write_json(args.out, result)
     return 0

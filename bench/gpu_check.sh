@@ -3,7 +3,8 @@
 #   1. bench/ppo_step.py at the flan-t5-base shape (roberta-large-shaped classifier) and at
 #      the gpt2 shape: detoxrl, tutorial-style and the floor (bare batched generate and
 #      forward passes), bf16, batch 16, 64 new tokens;
-#   2. bench/gpu_profile.py at the gpt2 shape: torch.profiler on each phase of a detoxrl step;
+#   2. bench/gpu_profile.py at the gpt2 shape: torch.profiler on each phase of a detoxrl step,
+#      and bench/sampling.py at both shapes: sampling against the cached greedy floor;
 #   3. the offline demo (`detoxrl demo --fresh`), for its time, beside
 #   4. DeepSpeed ZeRO-2 and ZeRO-3, one process each, through `accelerate launch` with the
 #      repository's configs: a few steps of the tiny T5 and tiny GPT-2.
@@ -93,6 +94,12 @@ for shape in $SHAPES; do
 done
 # The flan-t5-base profile did not finish in 60 s there; the gpt2 one took 43 s.
 stage "gpu_profile-${SHAPES##* }" 60 python3 bench/gpu_profile.py --shape "${SHAPES##* }" --out "$RES"
+# Sampling against the cached greedy floor (bench/sampling.py), both shapes in one process.
+if [[ $DRY == 1 ]]; then SAMPLING=(--shape tiny-causal --shape tiny-seq2seq); else
+    SAMPLING=(--shape gpt2 --shape flan-t5-base); fi
+stage "sampling" 90 python3 bench/sampling.py "${SAMPLING[@]}" --device "$([[ $DRY == 1 ]] \
+    && echo cpu || echo cuda)" --prompts 8 --samples 25 --new-tokens 64 --repeats 2 \
+    --static --data "$DATA/dialogsum/train.jsonl" --out "$RES"
 
 # ---------------------------------------------------------------- 3-4. demo beside DeepSpeed
 say "demo: start"

@@ -70,13 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_policy(shape: str, data_path: Path):
     """A ``Policy`` (fresh LoRA, value head) on the shape's random-weight LM."""
     from detoxrl.config import ModelConfig
-    from detoxrl.policy import Policy
+    from detoxrl.models.policy import Policy
 
     if shape.startswith("mini-"):
         base, tokenizer = _mini_lm(shape.removeprefix("mini-"), data_path)
         return Policy.from_model(base, tokenizer)
     if shape.startswith("tiny-"):  # the test models, for the smoke test
-        from detoxrl import tiny
+        from detoxrl.models import tiny
 
         name = "gpt2" if shape == "tiny-causal" else "t5"
         return Policy.from_pretrained(ModelConfig(name_or_path=tiny.resolve(f"tiny:{name}")))
@@ -91,9 +91,9 @@ def _mini_lm(arch: str, data_path: Path):
     import torch
     import yaml
 
-    from detoxrl.config_loading import from_dict
-    from detoxrl.sft import _scratch_lm
-    from detoxrl.supervised import SupervisedModel, train_tokenizer
+    from detoxrl.config import from_dict
+    from detoxrl.supervised.common import SupervisedModel, train_tokenizer
+    from detoxrl.supervised.sft import _scratch_lm
     from ppo_models import read_rows
 
     raw = yaml.safe_load((MINI_PRESETS / f"lm-{arch}.yaml").read_text())["model"]
@@ -107,7 +107,7 @@ def _mini_lm(arch: str, data_path: Path):
 
 def prompts(policy, data_path: Path, n: int, max_tokens: int):
     """(ids, mask) of the first ``n`` dialogues, cut to ``max_tokens``, padded the policy's way."""
-    from detoxrl.data import collate_queries
+    from detoxrl.models.generation import collate_queries
     from ppo_models import read_rows
 
     rows = [policy.tokenizer(r["dialogue"]).input_ids[:max_tokens]
@@ -268,7 +268,7 @@ def run_shape(args, shape: str, data_path: Path) -> dict:
 
 
 def write(args, result: dict, meta: dict) -> Path:
-    from detoxrl.io import atomic_write_json, atomic_write_text
+    from detoxrl.runs.io import atomic_write_json, atomic_write_text
 
     stem = args.out / f"sampling-{result['shape']}-{args.device}"
     atomic_write_json(stem.with_suffix(".json"), {**meta, **result})

@@ -64,14 +64,13 @@ def block_token(logits: Tensor, token_id: int, first_n: int) -> Tensor:
     """
     if first_n <= 0 or token_id is None:
         return logits
-    positions = torch.arange(logits.shape[-2] if logits.dim() == 3 else 1,
-                             device=logits.device)
-    blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    blocked[token_id] = True
-    where = (positions < first_n)[:, None] & blocked                        # (T, V)
-    if logits.dim() == 2:
-        where = where[0]
-    return logits.masked_fill(where, torch.finfo(logits.dtype).min)
+    # A copy with one column written: a broadcast masked_fill took several times as long.
+    blocked = logits.clone()
+    if logits.dim() == 3:
+        blocked[:, :first_n, token_id] = torch.finfo(logits.dtype).min
+    else:
+        blocked[:, token_id] = torch.finfo(logits.dtype).min
+    return blocked
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
