@@ -164,10 +164,12 @@ def test_kl_from_sampled_logprobs_equals_the_forward_pass(run_dir, cache):
 
 
 def test_before_is_the_starting_policy(run_dir, evaluated, cache):
-    """The reference responses equal ``generate`` on the bare base model, batch by batch."""
+    """The reference responses equal the same decoding loop run on the bare base model (no
+    peft wrapper at all), batch by batch, from the same seeds."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from detoxrl.evaluation.setup import first_prompts, held_out_prompts
+    from detoxrl.models.decoding import decode
 
     cfg = load_config(run_dir / "config.yaml")
     path = tiny.resolve(cfg.model.name_or_path)
@@ -180,12 +182,11 @@ def test_before_is_the_starting_policy(run_dir, evaluated, cache):
                                     "right")
         torch.manual_seed(cfg.seed + b)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW,
-                                 min_new_tokens=cfg.generation.min_length, do_sample=True,
-                                 top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
-                                 temperature=cfg.generation.temperature,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        expected += tok.batch_decode(out[:, 1:], skip_special_tokens=True)
+            encoder = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = decode(model, ids, mask, cfg.generation, MAX_NEW,
+                         min(cfg.generation.min_length, MAX_NEW), tok.eos_token_id,
+                         tok.pad_token_id, encoder)
+        expected += tok.batch_decode(out.tokens, skip_special_tokens=True)
     got = read_jsonl(run_dir / "eval" / "generations.jsonl")
     assert [r["before"] for r in got] == expected
 
