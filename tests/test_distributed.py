@@ -391,6 +391,10 @@ def test_zero3_refuses_a_t5_whose_own_lm_head_was_tied(tiny_t5_path, tiny_gpt2_p
     dist.refuse_tied_t5_head(2, t5)
     with pytest.raises(ConfigError, match=r"ZeRO-3.*lm_head tied.*ZeRO-2"):
         dist.refuse_tied_t5_head(3, t5)
+    # Before loading, the config of an untied T5 is refused outright under ZeRO-3.
+    dist.refuse_tied_t5_head(2, t5.config)
+    with pytest.raises(ConfigError, match=r"ZeRO-3.*lm_head tied"):
+        dist.refuse_tied_t5_head(3, t5.config)
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)  # tied by design
     assert gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight
     dist.refuse_tied_t5_head(3, gpt2)

@@ -20,6 +20,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from .distributed import refuse_tied_t5_head, whole_weights, zero_stage
 from .learner import Learner
+from .sharding import wrap_layers
 
 
 def build_learner(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: bool = True, *,
@@ -40,6 +41,12 @@ def build_learner(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: b
 
     from ..models.reward import build_reward_set
 
+    if model is None and zero_stage(accelerator) == 3:  # before the sharded, slow load
+        from ..models import tiny
+        from ..models.loading import load_config
+
+        refuse_tied_t5_head(3, load_config(tiny.resolve(cfg.model.name_or_path),
+                                           cfg.model.revision, cfg.model.trust_remote_code))
     set_seed(cfg.seed)                        # LoRA and value-head initialisation
     policy = _build_policy(cfg, accelerator.device, model, tokenizer, peft_config)
     refuse_tied_t5_head(zero_stage(accelerator), policy.model)
@@ -50,6 +57,7 @@ def build_learner(cfg: TrainConfig, accelerator, reward_fn: Any = None, quiet: b
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
     scheduler = _scheduler(cfg, optimizer)
+    wrap_layers(accelerator, policy)
     prepared, optimizer = accelerator.prepare(policy, optimizer)
     return Learner(cfg, prepared, rewards, accelerator, optimizer, scheduler)
 

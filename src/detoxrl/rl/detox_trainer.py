@@ -30,6 +30,7 @@ from .inputs import (
     reward_columns,
 )
 from .learner import Learner
+from .sharding import root_gathered, shard_optimizer_state, sliced_loads, whole_optimizer_state
 
 
 class DetoxTrainer:
@@ -121,10 +122,13 @@ class DetoxTrainer:
         start = run_folder.check_output_dir(out, resume, overwrite_output_dir, acc, self.args)
         first_step = 0
         if start is not None:
-            state = (load_checkpoint(Path(resume_from_checkpoint), self.policy,
-                                     self.learner.optimizer)
-                     if isinstance(resume_from_checkpoint, (str, Path)) else
-                     load_latest(out, self.policy, self.learner.optimizer, acc.is_main_process))
+            with sliced_loads(acc, self.policy):  # FSDP: each rank keeps its slice
+                state = (load_checkpoint(Path(resume_from_checkpoint), self.policy,
+                                         self.learner.optimizer)
+                         if isinstance(resume_from_checkpoint, (str, Path)) else
+                         load_latest(out, self.policy, self.learner.optimizer,
+                                     acc.is_main_process))
+            shard_optimizer_state(self.learner.optimizer)
             self.learner.load_state_dict(state)
             first_step = state["step"]
         if acc.is_main_process:
@@ -239,9 +243,11 @@ class DetoxTrainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_checkpoint(Path(self.args.output_dir), step, self.policy, self.learner.optimizer,
-                            self.learner.state_dict())
+        with dist.gathered_trainable(acc, self.policy):  # FSDP: every rank gathers, 0 writes
+            optimizer_state = whole_optimizer_state(self.learner.optimizer)
+            if acc.is_main_process:
+                save_checkpoint(Path(self.args.output_dir), step, self.policy, optimizer_state,
+                                self.learner.state_dict())
         acc.wait_for_everyone()
         self._callback("on_save")
 
@@ -272,9 +278,11 @@ class DetoxTrainer:
             ids, mask = collate_queries(rows["input_ids"], self.processing_class.pad_token_id,
                                         self.policy.padding_side)
             torch.manual_seed(self.args.seed + start)
-            batch = self.policy.generate(ids.to(self.accelerator.device),
-                                         mask.to(self.accelerator.device),
-                                         self.args.generation, queries=rows["query"])
+            with root_gathered(self.accelerator, self.policy):
+                batch = self.policy.generate(
+                    ids.to(self.accelerator.device), mask.to(self.accelerator.device),
+                    self.args.generation, queries=rows["query"],
+                    synced_gpus=dist.shards_parameters(self.accelerator))
             totals.append(self.reward_funcs(batch.queries, batch.responses,
                                             **reward_columns(rows)))
             lengths.append(batch.response_mask.sum(1).float().cpu())

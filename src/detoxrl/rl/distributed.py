@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from .sharding import is_fsdp, local, process_group_kwargs, setup_sharding, whole_trainable
 
 
 def global_sum(accelerator, x: Tensor) -> Tensor:
@@ -47,7 +48,8 @@ def global_masked_moments(accelerator, x: Tensor, mask: Tensor) -> tuple[Tensor,
 
 def all_finite(accelerator, *tensors: Tensor) -> bool:
     """True only if every tensor is finite on every rank (so all ranks skip together)."""
-    bad = sum(int(not torch.isfinite(t).all()) for t in tensors)
+    # A sharded tensor (FSDP) is checked on this rank's slice; the sum covers the rest.
+    bad = sum(int(not torch.isfinite(local(t)).all()) for t in tensors)
     device = tensors[0].device
     return int(global_sum(accelerator, torch.tensor(bad, device=device))) == 0
 
@@ -57,6 +59,11 @@ def zero_stage(accelerator) -> int:
     state = getattr(accelerator, "state", None)
     plugin = getattr(state, "deepspeed_plugin", None)
     return int(plugin.zero_stage or 0) if plugin is not None else 0
+
+
+def shards_parameters(accelerator) -> bool:
+    """True when every forward is a collective (ZeRO-3, FSDP): ranks must step together."""
+    return zero_stage(accelerator) == 3 or is_fsdp(accelerator)
 
 
 def make_accelerator(cfg: TrainConfig, resume: bool = False):
@@ -73,7 +80,8 @@ def make_accelerator(cfg: TrainConfig, resume: bool = False):
     precision = mixed_precision(cfg)
     forget_other_precision(precision)
     accelerator = Accelerator(mixed_precision=precision, log_with=cfg.log_with or None,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, kwargs_handlers=process_group_kwargs())
+    setup_sharding(accelerator)
     check_launch(accelerator)
     cfg.finalize(accelerator.num_processes, accelerator.device.type)
     setup_deepspeed(cfg, accelerator, resume)
@@ -171,11 +179,14 @@ def refuse_tied_t5_head(stage: int, model) -> None:
     where it can compare the two matrices at load; under ZeRO-3 they are partitioned, it
     cannot, and the model would train and sample with its embeddings as output layer.
     ``scale_decoder_outputs`` False is how the config records an untied checkpoint.
+    ``model``: a loaded model, or (before loading) its config, which is refused outright
+    under ZeRO-3 when it records an untied head: the load would tie it.
     """
-    config = model.config
+    config = getattr(model, "config", model)
     if stage != 3 or getattr(config, "scale_decoder_outputs", True) is not False:
         return
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+    loaded = hasattr(model, "get_output_embeddings")
+    if not loaded or model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         import transformers
 
         raise ConfigError(f"Under DeepSpeed ZeRO-3, transformers {transformers.__version__} "
@@ -187,7 +198,10 @@ def refuse_tied_t5_head(stage: int, model) -> None:
 
 
 def gathered_trainable(accelerator, policy):
-    """Under ZeRO-3, the full LoRA and value-head weights on every rank (a collective)."""
+    """Under ZeRO-3 or FSDP, the full LoRA and value-head weights on every rank, to save
+    them (a collective: every rank must enter)."""
+    if is_fsdp(accelerator):
+        return whole_trainable(policy)
     if zero_stage(accelerator) != 3:
         return nullcontext()
     import deepspeed

@@ -31,6 +31,7 @@ from . import distributed as dist
 from . import math as rl_math
 from .algorithms import make_algorithm
 from .kl import kl_controller
+from .sharding import root_gathered
 
 logger = logging.getLogger(__name__)
 RewardFn = Callable[..., "Tensor | list[float]"]  # f(prompts=, completions=, **columns)
@@ -92,15 +93,16 @@ class Learner:
         gen = torch.Generator().manual_seed(step_seed)
         limits = draw_lengths(len(queries), g.min_new_tokens_draw, g.max_new_tokens_draw, gen)
         device = self.accelerator.device
-        # ZeRO-3 shards the weights: every forward is a collective, so a rank whose responses
-        # end early must keep stepping until all ranks are done (synced_gpus).
+        # ZeRO-3 and FSDP shard the weights: every forward is a collective, so a rank whose
+        # responses end early must keep stepping until all ranks are done (synced_gpus).
         # K samples per prompt (rloo, grpo) in consecutive rows, all on this process.
         p = self.cfg.ppo
-        return self.policy.generate(query_ids.to(device), query_mask.to(device), g, limits,
-                                    queries, synced_gpus=dist.zero_stage(self.accelerator) == 3,
-                                    num_return_sequences=p.num_generations,
-                                    with_logprobs=p.logprobs_from_rollout,
-                                    with_values=p.logprobs_from_rollout and p.has_value_head)
+        with root_gathered(self.accelerator, self.policy):  # FSDP: generate skips forward()
+            return self.policy.generate(
+                query_ids.to(device), query_mask.to(device), g, limits, queries,
+                synced_gpus=dist.shards_parameters(self.accelerator),
+                num_return_sequences=p.num_generations, with_logprobs=p.logprobs_from_rollout,
+                with_values=p.logprobs_from_rollout and p.has_value_head)
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()

@@ -77,9 +77,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, policy, optimizer, trainer_state: dict,
                     keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the newest ``keep``."""
+    """Write ``run_dir/checkpoints/step-{step}`` atomically; keep the newest ``keep``.
+
+    ``optimizer``: the optimizer, or its (whole, not sharded) ``state_dict()``."""
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    opt_tensors, opt_meta = optimizer_state_to_tensors(state)
     rng_tensors, rng_meta = rng_state()
     with atomic_dir(final) as tmp:
         policy.save(tmp / "adapter")
