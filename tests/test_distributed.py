@@ -414,3 +414,55 @@ def test_a_run_after_a_trainer_in_the_same_process_gets_its_own_precision(monkey
         assert dist.make_accelerator(TrainConfig(save_every=0)).mixed_precision == "bf16"
     finally:
         AcceleratorState._reset_state()
+
+
+def test_cpu_launches_of_sharded_configs_run_as_configured_or_are_refused(monkeypatch):
+    # accelerate (1.16) runs CPU processes launched with an FSDP or DeepSpeed config as
+    # plain DDP (MULTI_CPU); detoxrl turns FSDP2 on and refuses what it cannot run.
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from detoxrl.rl import sharding
+
+    def launched(**env):
+        for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setitem(PartialState._shared_state, "distributed_type",
+                            DistributedType.MULTI_CPU)
+        return _CpuAccelerator()
+
+    ddp = launched()
+    sharding.setup_sharding(ddp)
+    assert ddp.distributed_type == DistributedType.MULTI_CPU and not sharding.is_fsdp(ddp)
+    with pytest.raises(ConfigError, match="unset ACCELERATE_USE_CPU and set DS_ACCELERATOR"):
+        sharding.setup_sharding(launched(ACCELERATE_USE_DEEPSPEED="true"))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding.setup_sharding(launched(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1"))
+    # The launcher's FSDP2 settings become the plugin (a real launch: tests/test_sharded.py).
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    acc = launched(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    sharding.setup_sharding(acc)
+    assert sharding.is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version == 2
+    assert acc.state.fsdp_plugin.reshard_after_forward is False
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    # DeepSpeed processes without GPUs are given gloo (else each counts itself alone).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sharding.process_group_kwargs() == []
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert [h.backend for h in sharding.process_group_kwargs()] == (
+        [] if torch.cuda.is_available() else ["gloo"])
+
+
+class _CpuAccelerator:
+    """What accelerate builds for CPU processes: distributed_type read from its state."""
+
+    def __init__(self):
+        from accelerate.utils import DistributedType
+
+        self.state = SimpleNamespace(fsdp_plugin=None, distributed_type=DistributedType.MULTI_CPU)
+
+    @property
+    def distributed_type(self):
+        return self.state.distributed_type
