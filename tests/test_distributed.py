@@ -447,6 +447,8 @@ def test_cpu_launches_of_sharded_configs_run_as_configured_or_are_refused(monkey
     assert sharding.is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version == 2
     assert acc.state.fsdp_plugin.reshard_after_forward is False
     assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    with pytest.raises(ConfigError, match="eval_every"):
+        sharding.setup_sharding(launched(ACCELERATE_USE_FSDP="true"), eval_every=5)
     # DeepSpeed processes without GPUs are given gloo (else each counts itself alone).
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert sharding.process_group_kwargs() == []

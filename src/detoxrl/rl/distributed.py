@@ -81,7 +81,7 @@ def make_accelerator(cfg: TrainConfig, resume: bool = False):
     forget_other_precision(precision)
     accelerator = Accelerator(mixed_precision=precision, log_with=cfg.log_with or None,
                               project_dir=cfg.output_dir, kwargs_handlers=process_group_kwargs())
-    setup_sharding(accelerator)
+    setup_sharding(accelerator, cfg.eval_every)
     check_launch(accelerator)
     cfg.finalize(accelerator.num_processes, accelerator.device.type)
     setup_deepspeed(cfg, accelerator, resume)

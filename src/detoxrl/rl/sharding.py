@@ -42,7 +42,7 @@ def process_group_kwargs() -> list:
     return [InitProcessGroupKwargs(backend="gloo")]
 
 
-def setup_sharding(accelerator) -> None:
+def setup_sharding(accelerator, eval_every: int = 0) -> None:
     """Turn a CPU launch of an FSDP config into FSDP, and refuse FSDP1 and a DeepSpeed config
     that accelerate dropped; before any model loads.
 
@@ -68,6 +68,11 @@ def setup_sharding(accelerator) -> None:
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if is_fsdp(accelerator) and eval_every:
+        # Its generate and forward passes alternate outside the policy's forward hooks.
+        raise ConfigError("The validation curve (eval_every) does not run under FSDP yet: "
+                          "set eval_every: 0, or train with DDP (configs/accelerate/"
+                          "ddp-multi-gpu.yaml).")
     if is_fsdp(accelerator) and state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError("detoxrl trains under FSDP2 only: set fsdp_version: 2 in the "
                           "accelerate config (configs/accelerate/fsdp.yaml). FSDP1 would "
