@@ -132,6 +132,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fluency-model", default=None, metavar="MODEL", help="Causal LM or "
                    "seq2seq model (Hub id or folder) for the perplexity of the responses given "
                    "their prompts (default: the reference policy, adapter off).")
+    p.add_argument("--judge-floor", action="append", default=[], metavar="FILE", help="Clean "
+                   "human text, repeatable: RealToxicityPrompts records (.jsonl; the "
+                   "continuations Perspective scored below 0.1) or one text per line. Every "
+                   "scorer's expected max. toxicity and toxicity probability on groups of K "
+                   "of them is its floor; each figure is also reported as excess over it.")
+    p.add_argument("--best-of", type=int, default=None, metavar="N", help="Evaluate the "
+                   "baseline instead of the adapter: 'after' is the starting policy with each "
+                   "of the K samples the best of N by the run's reward (reranking at "
+                   "inference, no training).")
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="R",
                    help="Bootstrap resamples (default 10000).")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -152,6 +161,7 @@ def options(args: argparse.Namespace):
         toxic_label=getattr(args, "toxic_label", None), judges=getattr(args, "judge", []),
         judge_label=getattr(args, "judge_label", None),
         fluency_model=getattr(args, "fluency_model", None),
+        judge_floor=getattr(args, "judge_floor", []), best_of=getattr(args, "best_of", None),
         n_resamples=getattr(args, "bootstrap", 10_000), device=args.device,
         progress=not args.quiet)
 

@@ -12,6 +12,17 @@ model is the reference policy (the run's starting model, adapter off); it scores
 token ids it and the trained policy sampled (``evaluation.sampling.perplexity`` of
 ``reference_logprobs``, or of the log-probs read while it sampled), which needs no
 re-tokenization: the perplexity of the generated tokens, as the KL is.
+
+Topicality (:func:`pmi`) asks whether a response is about its prompt: a policy can lower a
+toxicity classifier's score with generic lines that ignore the prompt, which neither the
+length, distinct-n nor the perplexity catches (a generic line is *likely*). Under the
+starting policy, per response,
+
+    PMI = (log p(response | prompt) - log p(response | nothing)) / n_tokens   (nats/token)
+
+the log perplexity without the prompt minus the log perplexity with it (Church & Hanks
+1990's pointwise mutual information, per token; "nothing" is one start token). Near 0: the
+prompt does not help predict the response.
 """
 
 from __future__ import annotations
@@ -57,6 +68,20 @@ def load_fluency_model(name: str, device: torch.device) -> FluencyModel:
                              "takes a causal LM or a seq2seq model (Hub id or folder); leave "
                              "it out to use the reference policy.") from None
     return FluencyModel(name, model.to(device).eval(), tokenizer, config.is_encoder_decoder)
+
+
+def reference_model(policy) -> FluencyModel:
+    """The policy's own network as a fluency model; it is the starting policy only inside
+    ``with policy.reference():``."""
+    return FluencyModel(REFERENCE, policy.model, policy.tokenizer, policy.is_seq2seq)
+
+
+def pmi(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
+        batch_size: int = 64) -> np.ndarray:
+    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one."""
+    with_prompt = perplexities(fm, prompts, responses, batch_size)
+    without = perplexities(fm, [""] * len(responses), responses, batch_size)
+    return np.log(without) - np.log(with_prompt)
 
 
 def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[list[int]]:

@@ -2,8 +2,10 @@
 
 One table per toxicity scorer, read from ``summary["protocol"]``: rows are the models
 (before = reference, after = trained adapter) and the change with its interval; columns are
-expected maximum toxicity, toxicity probability, average toxicity, perplexity and
-distinct-1/2/3. Perplexity and distinct-n do not depend on the scorer and repeat.
+expected maximum toxicity, toxicity probability, average toxicity, perplexity,
+distinct-1/2/3 within prompts, distinct-2 of the whole set and topicality. Those after the
+toxicity do not depend on the scorer and repeat. A scorer measured on clean human text has
+its floor and the share of the excess over it that is gone below its table.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 COLUMNS = (("expected_max_toxicity", "Exp. max tox."), ("toxicity_probability", "Tox. prob."),
            ("average_toxicity", "Avg. tox."), ("perplexity", "PPL"),
-           ("distinct_1", "Dist-1"), ("distinct_2", "Dist-2"), ("distinct_3", "Dist-3"))
+           ("distinct_1", "Dist-1"), ("distinct_2", "Dist-2"), ("distinct_3", "Dist-3"),
+           ("set_distinct_2", "Dist-2 set"), ("topicality", "Topic. PMI"))
+FLOORED = (("expected_max_toxicity", "exp. max tox."), ("toxicity_probability", "tox. prob."))
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -53,33 +57,62 @@ def _validity(info: dict[str, Any]) -> str:
 def tables(protocol: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """(title, column name -> measure) for every scorer, in the summary's order."""
     shared = {"perplexity": protocol.get("fluency", {}).get("perplexity", {}),
-              **protocol.get("diversity", {})}
+              **protocol.get("diversity", {}),
+              "topicality": protocol.get("topicality", {}).get("pmi", {})}
     return [(scorer_title(key, info), {**info.get("measures", {}), **shared})
             for key, info in protocol.get("toxicity", {}).items()]
+
+
+def after_label(protocol: dict[str, Any]) -> str:
+    """What "after" is: the trained adapter, or the best-of-N baseline."""
+    n = protocol.get("best_of")
+    return f"after (best of {n})" if n else "after (trained)"
 
 
 def header(protocol: dict[str, Any]) -> str:
     fluency = protocol.get("fluency", {})
     ppl = fluency.get("note") or f"perplexity under {fluency.get('model')}"
+    best = (f"after = the starting policy, each sample the best of {protocol['best_of']} "
+            "by the reward (no training); " if protocol.get("best_of") else "")
     return (f"{protocol.get('n_prompts')} prompts x {protocol.get('samples_per_prompt')} "
             f"samples; a sample is toxic at >= {protocol.get('toxic_threshold')}; {ppl}; "
-            f"changes are after - before with {protocol.get('confidence', 0.95) * 100:g}% "
-            "paired bootstrap intervals over prompts.")
+            f"{best}topicality is the prompt-response PMI under the starting policy "
+            "(nats/token); changes are after - before with "
+            f"{protocol.get('confidence', 0.95) * 100:g}% paired bootstrap intervals over "
+            "prompts.")
+
+
+def floor_lines(info: dict[str, Any]) -> list[str]:
+    """The scorer's floor on clean human text and the share of the excess removed."""
+    floor = info.get("floor")
+    if not floor:
+        return []
+    lines = [f"  floor on {floor['texts']} clean human texts (groups of "
+             f"{floor['samples_per_group']}):"]
+    for key, name in FLOORED:
+        f, m = floor[key], info.get("measures", {}).get(key, {})
+        removed = m.get("excess_removed")
+        share = f"{removed * 100:.0f}%" if _num(removed) != "n/a" else "n/a"
+        lines.append(f"    {name:<14}{_num(f['value'])} [{_num(f['ci_low'])}, "
+                     f"{_num(f['ci_high'])}]; excess {_num(m.get('excess_before'))} -> "
+                     f"{_num(m.get('excess_after'))}, {share} of it removed")
+    return lines
 
 
 def text_tables(protocol: dict[str, Any]) -> str:
     """The tables for the terminal, each followed by its changes with intervals."""
     width = 14
     lines = [header(protocol), ""]
-    for title, cols in tables(protocol):
+    for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
+                                   strict=True):
         lines += [title, f"{'model':<16}" + "".join(f"{name:>{width}}" for _, name in COLUMNS)]
         for row in ("before", "after"):
-            label = "before (ref.)" if row == "before" else "after (trained)"
+            label = "before (ref.)" if row == "before" else after_label(protocol)
             lines.append(f"{label:<16}" + "".join(
                 f"{_num(cols.get(key, {}).get(row)):>{width}}" for key, _ in COLUMNS))
         lines.append(f"{'change':<16}" + "".join(
             f"{_signed(cols.get(key, {}).get('change')):>{width}}" for key, _ in COLUMNS))
-        lines += [*_interval_lines(cols, COLUMNS[:3]), ""]
+        lines += [*_interval_lines(cols, COLUMNS[:3]), *floor_lines(info), ""]
     if tables(protocol):  # fluency and diversity are the same under every scorer
         lines += ["fluency and diversity", *_interval_lines(tables(protocol)[0][1], COLUMNS[3:])]
     return "\n".join(lines).rstrip()
@@ -99,15 +132,18 @@ def html_tables(protocol: dict[str, Any]) -> str:
     """The tables as HTML fragments, every cell escaped."""
     head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(n)}</th>" for _, n in COLUMNS)
     parts = [f"<p>{html.escape(header(protocol))}</p>"]
-    for title, cols in tables(protocol):
+    for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
+                                   strict=True):
         rows = []
-        for row, label in (("before", "before (reference)"), ("after", "after (trained)")):
+        for row, label in (("before", "before (reference)"), ("after", after_label(protocol))):
             rows.append(f"<tr><td>{label}</td>" + "".join(
                 f'<td class="num">{_num(cols.get(k, {}).get(row))}</td>' for k, _ in COLUMNS)
                 + "</tr>")
         rows.append("<tr><td>change [CI]</td>" + "".join(
             f"<td>{_change_cell(cols.get(k, {}))}</td>" for k, _ in COLUMNS) + "</tr>")
-        parts.append(f"<h4>{html.escape(title)}</h4><table>{head}</tr>{''.join(rows)}</table>")
+        parts.append(f"<h4>{html.escape(title)}</h4><table>{head}</tr>{''.join(rows)}</table>"
+                     + "".join(f"<p>{html.escape(line.strip())}</p>" for line in
+                               floor_lines(info)))
     return "\n".join(parts)
 
 
@@ -134,13 +170,15 @@ def markdown_tables(protocol: dict[str, Any]) -> str:
     head = "| model | " + " | ".join(n for _, n in COLUMNS) + " |"
     rule = "| --- |" + " ---: |" * len(COLUMNS)
     parts = [header(protocol)]
-    for title, cols in tables(protocol):
+    for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
+                                   strict=True):
         rows = [f"**{title}**", "", head, rule]
-        for row, label in (("before", "before (reference)"), ("after", "after (trained)")):
+        for row, label in (("before", "before (reference)"), ("after", after_label(protocol))):
             rows.append(f"| {label} | " + " | ".join(
                 _num(cols.get(k, {}).get(row)) for k, _ in COLUMNS) + " |")
         rows.append("| change [95% CI] | " + " | ".join(
             change_cell(m.get("change"), m.get("ci_low"), m.get("ci_high"))
             for m in (cols.get(k, {}) for k, _ in COLUMNS)) + " |")
+        rows += ["", *(line.strip() for line in floor_lines(info))] if info.get("floor") else []
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"

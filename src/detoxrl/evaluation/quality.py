@@ -51,11 +51,12 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
+    from .protocol import ngrams
+
     seen: set[tuple[str, ...]] = set()
     total = 0
     for text in texts:
-        words = text.split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = ngrams(text, n)
         seen.update(grams)
         total += len(grams)
     return len(seen) / total if total else 0.0

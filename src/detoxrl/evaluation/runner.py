@@ -122,25 +122,51 @@ def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[
             for side, texts in (("before", gen.before), ("after", gen.after))}
 
 
+def measure_topicality(policy, gen: Generations, batch_size: int = 64
+                       ) -> dict[str, list[float]]:
+    """Per response, before and after: its PMI with its prompt under the starting policy
+    (:func:`detoxrl.evaluation.fluency.pmi`)."""
+    from .fluency import pmi, reference_model
+
+    queries, fm = gen.sample_queries, reference_model(policy)
+    with policy.reference():
+        return {side: pmi(fm, queries, texts, batch_size).tolist()
+                for side, texts in (("before", gen.before), ("after", gen.after))}
+
+
+def judge_floors(clean: list[tuple[str, str]], scorers: dict[str, dict[str, Any]], jobs,
+                 k: int, n_resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Every scorer's floor on the clean human texts, scored as the responses are."""
+    from .floor import judge_floor
+
+    prompts, texts = [p for p, _ in clean], [t for _, t in clean]
+    return {key: judge_floor(jobs[info["job"]](prompts, texts), k, n_resamples, seed=seed)
+            for key, info in scorers.items()}
+
+
 def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
     """Generate, score and summarise; write the output folder; return the summary."""
     from ..runs.preflight import default_cpu_threads
+    from .floor import read_clean_texts
     from .fluency import REFERENCE, load_fluency_model
 
     check_options(opts)
     default_cpu_threads()
     cfg, device = target.cfg, device_for(opts)
     dec = eval_sampling(cfg, opts)
-    # Fail fast: every scorer loads before anything is generated.
+    # Fail fast: every scorer and input loads before anything is generated.
+    clean = read_clean_texts(opts.judge_floor) if opts.judge_floor else None
     reward, judges = load_classifiers(cfg, opts, device)
     custom_fm = (load_fluency_model(opts.fluency_model, device)
                  if opts.fluency_model is not None else None)
     policy = load_policy(target, device)
     prompts = eval_prompts(cfg, opts, policy.tokenizer)
+    jobs = scoring_jobs(reward, judges, opts.score_on)
     gen = generate_before_after(policy, first_prompts(prompts, opts.n), dec.sampling,
                                 dec.max_new_tokens, opts.batch_size, dec.seed,
-                                dec.kl_temperature, opts.progress, dec.samples_per_prompt)
-    scores = score_generations(gen, scoring_jobs(reward, judges, opts.score_on), opts.progress)
+                                dec.kl_temperature, opts.progress, dec.samples_per_prompt,
+                                opts.best_of, jobs["reward"])
+    scores = score_generations(gen, jobs, opts.progress)
     perplexity = measure_perplexity(custom_fm, gen, opts.batch_size)
     summary = classic_summary(gen, scores, opts.toxic_label, opts.n_resamples, dec.seed,
                               policy.tokenizer)
@@ -148,8 +174,14 @@ def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
                "reference": opts.fluency_model is None}
     if fluency["reference"]:
         fluency["note"] = f"perplexity under the {REFERENCE}: {cfg.model.name_or_path}"
-    summary["protocol"] = protocol_summary(gen, scores, scorer_descriptions(cfg, opts, judges),
-                                           perplexity, fluency, opts.n_resamples, dec.seed)
+    scorers = scorer_descriptions(cfg, opts, judges)
+    floors = (judge_floors(clean, scorers, jobs, dec.samples_per_prompt, opts.n_resamples,
+                           dec.seed) if clean else None)
+    summary["protocol"] = protocol_summary(gen, scores, scorers, perplexity, fluency,
+                                           opts.n_resamples, dec.seed,
+                                           measure_topicality(policy, gen), floors)
+    if opts.best_of:
+        summary["protocol"]["best_of"] = opts.best_of
     summary["settings"] = {**settings(target, opts, len(prompts)), "device": str(device)}
     write_evaluation(target.out_dir, gen, {**scores, **{f"perplexity_{k}": v for k, v in
                                                          perplexity.items()}}, summary)

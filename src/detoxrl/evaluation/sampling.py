@@ -5,13 +5,21 @@ Both models answer the same prompts in the same batches with the same seeds
 difference comes from the weights, not the dice. With K samples per prompt, each batch of
 prompts is answered K times by one ``generate`` call (``num_return_sequences``); prompt i's
 samples sit at flat rows ``i*K .. i*K + K-1``.
+
+With ``best_of = N`` the "after" side is no trained model but the baseline it has to beat:
+reranking at inference (best-of-N sampling, as in Nakano et al. 2021, WebGPT). The starting
+policy draws N responses for each of the K, and the one the reward scores highest is kept;
+nothing is trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import SamplingConfig
@@ -47,19 +55,26 @@ class Generations:
 @torch.no_grad()
 def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens: int,
                           batch_size: int, seed: int, kl_temperature: float | None = None,
-                          progress: bool = True, samples_per_prompt: int = 1) -> Generations:
+                          progress: bool = True, samples_per_prompt: int = 1,
+                          best_of: int | None = None,
+                          rerank: Callable[[list[str], list[str]], Any] | None = None
+                          ) -> Generations:
     """Responses of the reference (before) and the trained policy (after) to ``rows``.
 
     ``rows``: a prompt dataset (``id``, ``query``, ``input_ids``, ``references``). Batch ``b``
     (``batch_size`` prompts, each answered ``samples_per_prompt`` times) is generated twice,
     each time right after ``torch.manual_seed(seed + b)``. With ``kl_temperature``, also the
-    per-response KL(trained || reference) on the after responses.
+    per-response KL(trained || reference) on the after responses. With ``best_of``, "after"
+    is the reference's best of ``best_of`` samples by ``rerank(queries, responses)``
+    (higher is better; :func:`best_of_n`), and there is no KL.
     """
     from tqdm.auto import tqdm
 
     from ..models.generation import collate_queries
 
     k = samples_per_prompt
+    if best_of:
+        kl_temperature = None
     device = next(policy.parameters()).device
     out = Generations(list(rows["id"]), list(rows["query"]), list(rows["references"]), [], [],
                       [] if kl_temperature is not None else None, k=k)
@@ -79,8 +94,12 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
             before = policy.generate(q, qm, sampling, limits, batch["query"],
                                      num_return_sequences=k, with_logprobs=read_before)
         torch.manual_seed(seed + b)
-        after = policy.generate(q, qm, sampling, limits, batch["query"],
-                                num_return_sequences=k, with_logprobs=read_after)
+        if best_of:
+            after = best_of_n(policy, q, qm, sampling, limits, batch["query"], k, best_of,
+                              rerank)
+        else:
+            after = policy.generate(q, qm, sampling, limits, batch["query"],
+                                    num_return_sequences=k, with_logprobs=read_after)
         out.before += before.responses
         out.after += after.responses
         out.tokens_before += generated_lengths(before)
@@ -95,6 +114,21 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
             out.kl += sequence_kl(policy, after, kl_temperature, ref,
                                   after.logprobs if read_after else None).tolist()
     return out
+
+
+@torch.no_grad()
+def best_of_n(policy, query_ids, query_mask, sampling: SamplingConfig, limits: list[int],
+              queries: list[str], k: int, n: int,
+              rerank: Callable[[list[str], list[str]], Any]):
+    """K responses per prompt from the reference policy, each the highest-``rerank`` of N
+    samples (the first on ties): rows ``i*K .. i*K + K-1`` as :meth:`Policy.generate`."""
+    with policy.reference():
+        drawn = policy.generate(query_ids, query_mask, sampling, limits, queries,
+                                num_return_sequences=k * n)
+    from .stats import as_array
+
+    groups = as_array(rerank(drawn.queries, drawn.responses)).reshape(-1, n)  # (B*K, N)
+    return drawn.select(groups.argmax(axis=1) + np.arange(groups.shape[0]) * n)
 
 
 def generated_lengths(rollout) -> list[int]:

@@ -113,27 +113,47 @@ def summarize(gen: Generations, scores: dict[str, list[float]], toxic_label: str
 
 def protocol_summary(gen: Generations, scores: dict[str, list[float]],
                      scorers: dict[str, dict[str, Any]], perplexity: dict[str, Any],
-                     fluency: dict[str, Any], n_resamples: int, seed: int) -> dict[str, Any]:
+                     fluency: dict[str, Any], n_resamples: int, seed: int,
+                     topicality: dict[str, Any] | None = None,
+                     floors: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``protocol`` block of summary.json (layout in :mod:`detoxrl.evaluation.runner`).
 
-    ``scorers``: key -> description with ``job`` (the score column); ``perplexity``:
-    ``{"before": [...], "after": [...]}`` per response; ``fluency``: the fluency model's
-    description.
+    ``scorers``: key -> description with ``job`` (the score column); ``perplexity`` and
+    ``topicality``: ``{"before": [...], "after": [...]}`` per response; ``fluency``: the
+    fluency model's description; ``floors``: scorer key -> its
+    :func:`~detoxrl.evaluation.floor.judge_floor`, which adds the excess over it.
     """
+    from .floor import with_excess
+
     k, boot = gen.k, {"n_resamples": n_resamples, "seed": seed}
     toxicity = {}
     for key, info in scorers.items():
         before = P.per_prompt_toxicity(P.as_matrix(scores[f"{info['job']}_before"], k))
         after = P.per_prompt_toxicity(P.as_matrix(scores[f"{info['job']}_after"], k))
-        toxicity[key] = {**{n: v for n, v in info.items() if n != "job"},
-                         "measures": P.measures(before, after, **boot)}
+        entry = {**{n: v for n, v in info.items() if n != "job"},
+                 "measures": P.measures(before, after, **boot)}
+        if floors and key in floors:
+            entry["floor"] = floors[key]
+            entry["measures"] = with_excess(entry["measures"], floors[key])
+        toxicity[key] = entry
     ppl = {side: P.nanmean_per_prompt(P.as_matrix(perplexity[side], k))
            for side in ("before", "after")}
+    # Under the starting policy a fall in perplexity is as much a departure from it as a
+    # rise (the policy moved to the start's likeliest text); under another LM lower reads
+    # as more fluent, as in the papers.
+    ppl_direction = None if fluency.get("reference") else True
     diversity = P.measures(P.per_prompt_diversity(P.rows_of(gen.before, k)),
                            P.per_prompt_diversity(P.rows_of(gen.after, k)), **boot)
-    return {"samples_per_prompt": k, "n_prompts": len(gen.ids),
-            "toxic_threshold": P.TOXIC_THRESHOLD, "confidence": 0.95, **boot,
-            "toxicity": toxicity,
-            "fluency": {**fluency, "perplexity": P.measure(ppl["before"], ppl["after"], True,
-                                                            **boot)},
-            "diversity": diversity}
+    out = {"samples_per_prompt": k, "n_prompts": len(gen.ids),
+           "toxic_threshold": P.TOXIC_THRESHOLD, "confidence": 0.95, **boot,
+           "toxicity": toxicity,
+           "fluency": {**fluency, "perplexity": P.measure(ppl["before"], ppl["after"],
+                                                          ppl_direction, **boot)},
+           "diversity": diversity}
+    if topicality is not None:
+        pmi = {side: P.nanmean_per_prompt(P.as_matrix(topicality[side], k))
+               for side in ("before", "after")}
+        out["topicality"] = {"measure": "prompt-response PMI under the starting policy, "
+                             "nats per token",
+                             "pmi": P.measure(pmi["before"], pmi["after"], False, **boot)}
+    return out

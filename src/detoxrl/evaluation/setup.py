@@ -32,7 +32,8 @@ RTP_MAX_NEW_TOKENS, RTP_SAMPLES = 20, 25
 # Settings that decide the generations and rewards; compare reuses evaluate's rows only when
 # all of them match.
 GENERATION_KEYS = ("model", "adapter_sha256", "data", "data_seed", "seed", "batch_size",
-                   "sampling", "max_new_tokens", "reward", "samples_per_prompt", "prompts")
+                   "sampling", "max_new_tokens", "reward", "samples_per_prompt", "prompts",
+                   "best_of")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class EvalOptions:
     judges: list[str] = field(default_factory=list)
     judge_label: str | None = None
     fluency_model: str | None = None  # None: the reference policy
+    judge_floor: list[str] = field(default_factory=list)  # files of clean human texts
+    best_of: int | None = None       # "after" = the reference's best of N by the reward
     n_resamples: int = 10_000
     device: str | None = None
     progress: bool = True
@@ -109,7 +112,8 @@ def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
 def check_options(opts: EvalOptions) -> None:
     from ..models.reward import SCORE_ON
 
-    for name in ("n", "batch_size", "max_new_tokens", "n_resamples", "samples_per_prompt"):
+    for name in ("n", "batch_size", "max_new_tokens", "n_resamples", "samples_per_prompt",
+                 "best_of"):
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -120,17 +124,25 @@ def check_options(opts: EvalOptions) -> None:
     if opts.protocol is not None and opts.protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol is {opts.protocol!r}; choose one of "
                           f"{', '.join(PROTOCOLS)}.")
-    if opts.greedy and opts.protocol:
-        raise ConfigError("--greedy contradicts --protocol rtp, which samples (top_p 0.9); "
-                          "drop one of them.")
-    if opts.greedy and (opts.samples_per_prompt or 1) > 1:
-        raise ConfigError("--greedy gives the same response K times; use "
-                          "--samples-per-prompt 1 with --greedy, or sample.")
+    if opts.greedy:
+        _check_greedy(opts)
     if len(set(opts.judges)) != len(opts.judges):
         raise ConfigError("The same --judge is given twice; name each judge once.")
     if opts.prompts is not None and not Path(opts.prompts).is_file():
         raise DataError(f"--prompts {opts.prompts!r} is not a file. Give a .jsonl/.json/.csv/"
                         ".parquet prompt file in the run's data format (data.kind).")
+
+
+def _check_greedy(opts: EvalOptions) -> None:
+    if opts.protocol:
+        raise ConfigError("--greedy contradicts --protocol rtp, which samples (top_p 0.9); "
+                          "drop one of them.")
+    if (opts.samples_per_prompt or 1) > 1:
+        raise ConfigError("--greedy gives the same response K times; use "
+                          "--samples-per-prompt 1 with --greedy, or sample.")
+    if opts.best_of is not None:
+        raise ConfigError("--best-of N reranks N different samples; greedy decoding gives "
+                          "the same one N times. Drop --greedy.")
 
 
 def eval_sampling(cfg: TrainConfig, opts: EvalOptions) -> Decoding:
@@ -177,6 +189,9 @@ def settings(target: Target, opts: EvalOptions, n_available: int) -> dict[str, A
         "kl_temperature": dec.kl_temperature, "score_on": opts.score_on,
         "toxic_label": opts.toxic_label, "judges": list(opts.judges),
         "judge_label": opts.judge_label, "fluency_model": opts.fluency_model,
+        "judge_floor": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
+                        for p in opts.judge_floor],
+        "best_of": opts.best_of,
         "output": str(target.out_dir.resolve()),
         "model": to_dict(cfg.model), "adapter": str(target.adapter.resolve()),
         "adapter_sha256": file_sha256(target.adapter / ADAPTER_WEIGHTS),

@@ -15,6 +15,8 @@ import numpy as np
 Statistic = Callable[..., Any]
 
 IMPROVED, WORSE, NO_CHANGE = "improved", "worse", "no significant change"
+# The verdicts of a measure that has no better direction (a distance from the start).
+HIGHER, LOWER = "higher", "lower"
 _CHUNK_ELEMENTS = 4_000_000  # resampled values held at once: ~32 MB of int64 indices
 
 
@@ -125,12 +127,16 @@ def _resampled_differences(b: np.ndarray, a: np.ndarray, n_resamples: int, seed:
     return out
 
 
-def verdict(ci_low: float, ci_high: float, lower_is_better: bool = True) -> str:
+def verdict(ci_low: float, ci_high: float, lower_is_better: bool | None = True) -> str:
     """Read an interval of ``after - before``: improved, worse, or no significant change.
 
     With ``lower_is_better`` (toxicity) an interval wholly below 0 is "improved" and one
     wholly above 0 is "worse"; an interval touching or spanning 0 (or NaN) is neither.
+    ``lower_is_better=None`` is a measure where any change is a departure (the perplexity
+    under the starting policy): its verdict says only "higher" or "lower".
     """
+    if lower_is_better is None:
+        return LOWER if ci_high < 0 else HIGHER if ci_low > 0 else NO_CHANGE
     if ci_high < 0:
         return IMPROVED if lower_is_better else WORSE
     if ci_low > 0:
