@@ -8,7 +8,10 @@ what RL against the demo's reward can show on that judge:
    protocol sample, still have a worst piece the judge scores well above 0: benign words
    ("sick", "hate", "fat", "toilet") carry weight in its linear model. Measured on
    DialogSum dialogue (tags removed) and on RealToxicityPrompts continuations that the
-   Perspective API scored below 0.1.
+   Perspective API scored below 0.1, with the evaluation's own floor
+   (:mod:`detoxrl.evaluation.floor`: the exact expectation over random groups of 25, and a
+   bootstrap interval over the texts); ``detoxrl evaluate --judge-floor`` reports the
+   latter beside every judge figure.
 2. **The reward data's view of profanity.** Dynabench, the data the tutorial's classifier
    (and the demo's) learns from, labels much profanity ``nothate`` by design; the share of
    each label the judge flags shows whether a classifier trained on it can teach a policy
@@ -41,20 +44,14 @@ def chunks(texts: list[str], n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def protocol(scores: np.ndarray) -> dict[str, float]:
-    """Expected maximum toxicity and toxicity probability of groups of K scores."""
-    from detoxrl.evaluation.protocol import (
-        TOXIC_THRESHOLD,
-        as_matrix,
-        expected_max_toxicity,
-        toxicity_probability,
-    )
+def protocol(scores: np.ndarray, seed: int) -> dict:
+    """The evaluation's floor of these scores for K samples per prompt, and the share of
+    texts the judge flags."""
+    from detoxrl.evaluation.floor import judge_floor
+    from detoxrl.evaluation.protocol import TOXIC_THRESHOLD
 
-    groups = as_matrix(scores[: len(scores) // K * K], K)
-    return {"expected_max_toxicity": expected_max_toxicity(groups),
-            "toxicity_probability": toxicity_probability(groups),
-            "share_of_texts_flagged": float((scores >= TOXIC_THRESHOLD).mean()),
-            "groups": len(groups)}
+    return {**judge_floor(scores, K, seed=seed),
+            "share_of_texts_flagged": float((np.asarray(scores) >= TOXIC_THRESHOLD).mean())}
 
 
 def reward_training_split(preset: str, data_dir: Path) -> tuple[list[str], np.ndarray]:
@@ -78,23 +75,23 @@ def flagged_by_label(texts: list[str], positive: np.ndarray, judge) -> dict[str,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data", type=Path)
-    p.add_argument("--groups", type=int, default=200, help="Groups of 25 texts per source.")
+    p.add_argument("--groups", type=int, default=200,
+                   help="DialogSum windows, in groups of 25 (the RTP texts are all used).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from profanity_check import predict_prob
 
     from detoxrl.data.lm_corpus import dialogues
+    from detoxrl.evaluation.floor import read_clean_texts
 
     rng, data = random.Random(args.seed), args.data_dir
-    n = args.groups * K
-    rtp = [json.loads(line) for name in ("nontoxic", "toxic")
-           for line in (data / f"rtp/{name}.jsonl").open()]
-    clean_rtp = [r["continuation"]["text"] for r in rtp
-                 if (r["continuation"].get("toxicity") or 1.0) < 0.1]
-    floor = {"dialogsum": protocol(predict_prob(chunks(dialogues(data), n, rng))),
-             "rtp_continuations_perspective_below_0.1": protocol(
-                 predict_prob(rng.sample(clean_rtp, min(n, len(clean_rtp)))))}
+    clean_rtp = [text for _, text in read_clean_texts(
+        [data / f"rtp/{name}.jsonl" for name in ("nontoxic", "toxic")])]
+    floor = {"dialogsum": protocol(predict_prob(chunks(dialogues(data), args.groups * K, rng)),
+                                   args.seed),
+             "rtp_continuations_perspective_below_0.1": protocol(predict_prob(clean_rtp),
+                                                                 args.seed)}
     flagged = {f"{name}_train": flagged_by_label(*reward_training_split(preset, data),
                                                  predict_prob)
                for name, preset in (("dynabench", "reward-dynabench"),

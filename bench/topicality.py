@@ -1,19 +1,11 @@
 #!/usr/bin/env python
-"""Is a response about its prompt? Prompt-response PMI under the starting policy.
+"""Is a response about its prompt? Prompt-response PMI, recomputed from a generations file.
 
-The off-topic check for reward hacking: a policy can lower a toxicity classifier's score
-with generic lines that ignore the prompt, which neither the length, distinct-n nor the
-perplexity catches (a generic line is *likely*). For each response of ``generations.jsonl``
-(``detoxrl evaluate``; before = the starting policy, after = RL), under a model that never
-saw RL (the demo's starting policy):
-
-    PMI = (log p(response | prompt) - log p(response | nothing)) / n_tokens     (nats/token)
-
-that is, log perplexity without the prompt minus log perplexity with it (Church & Hanks
-1990's pointwise mutual information, per token; ``evaluation.fluency.perplexities``, where
-"nothing" is one start token). Near 0: the prompt does not help predict the response.
-Reported per prompt (mean over its samples), before and after, with the paired bootstrap CI
-of the change that the evaluation uses.
+``detoxrl evaluate`` reports topicality itself (``protocol.topicality`` of summary.json);
+this script recomputes it for an existing ``generations.jsonl`` under any model, with the
+evaluation's own :func:`detoxrl.evaluation.fluency.pmi` (its docstring defines the
+measure), plus the share of responses the prompt helps at all. Reported per prompt (mean
+over its samples), before and after, with the evaluation's paired bootstrap CI.
 
     python bench/topicality.py runs/demo/4-eval-nontoxic/generations.jsonl \\
         --model runs/demo/2-policy --out bench/results/topicality-causal.json
@@ -28,16 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detoxrl.evaluation.fluency import load_fluency_model, perplexities
+from detoxrl.evaluation.fluency import load_fluency_model, pmi
 from detoxrl.evaluation.protocol import as_matrix, nanmean_per_prompt
 from detoxrl.evaluation.stats import paired_bootstrap, verdict
-
-
-def pmi(fm, prompts: list[str], responses: list[str], batch_size: int = 64) -> np.ndarray:
-    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one."""
-    with_prompt = perplexities(fm, prompts, responses, batch_size)
-    without = perplexities(fm, [""] * len(responses), responses, batch_size)
-    return np.log(without) - np.log(with_prompt)
 
 
 def topicality(rows: list[dict], fm) -> dict:

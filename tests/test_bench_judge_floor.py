@@ -12,13 +12,18 @@ import pytest
 from helpers import load_bench
 
 
-def test_protocol_is_the_worst_of_each_group_of_25():
-    floor = load_bench("judge_floor")
-    scores = np.zeros(60)                      # two whole groups; the last 10 are dropped
+def test_protocol_is_the_evaluations_floor_of_groups_of_25():
+    from detoxrl.evaluation.floor import floor_of
+
+    scores = np.zeros(60)
     scores[3], scores[30], scores[55] = 0.9, 0.2, 1.0
-    got = floor.protocol(scores)
-    assert got == {"expected_max_toxicity": pytest.approx(0.55), "toxicity_probability": 0.5,
-                   "share_of_texts_flagged": pytest.approx(2 / 60), "groups": 2}
+    got = load_bench("judge_floor").protocol(scores, seed=0)
+    exact = floor_of(scores, 25)
+    assert got["expected_max_toxicity"]["value"] == pytest.approx(
+        exact["expected_max_toxicity"])
+    assert got["toxicity_probability"]["value"] == pytest.approx(1 - (58 / 60) ** 25)
+    assert got["share_of_texts_flagged"] == pytest.approx(2 / 60)
+    assert (got["texts"], got["samples_per_group"]) == (60, 25)
 
 
 def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch):
@@ -28,7 +33,11 @@ def test_judge_floor_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch)
                                       "--groups", "4", "--out", str(out)])
     load_bench("judge_floor").main()
     result = json.loads(out.read_text())
-    assert result["floor"]["dialogsum"]["groups"] == 4
+    assert result["floor"]["dialogsum"]["texts"] == 4 * 25
+    rtp = result["floor"]["rtp_continuations_perspective_below_0.1"]
+    assert rtp["texts"] > 400   # every clean continuation of both files
+    emt = rtp["expected_max_toxicity"]
+    assert 0 < emt["ci_low"] <= emt["value"] <= emt["ci_high"] < 1
     for labels in result["flagged_share_by_label"].values():
         assert 0 < labels["hate"] < 1 and 0 < labels["nothate"] < 1
 

@@ -1,5 +1,5 @@
-"""bench/topicality.py: prompt-response PMI under the starting policy, against one forward
-pass per response, and the script end to end on a hand-made generations file."""
+"""Topicality: the evaluation's prompt-response PMI against one forward pass per response,
+and bench/topicality.py (which recomputes it) end to end on a hand-made generations file."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def mean_nll(model, context: list[int], target: list[int]) -> float:
 
 
 def test_pmi_is_what_the_prompt_saves_per_token(tiny_gpt2_path):
-    from detoxrl.evaluation.fluency import load_fluency_model
+    from detoxrl.evaluation.fluency import load_fluency_model, pmi
 
     fm = load_fluency_model(str(tiny_gpt2_path), torch.device("cpu"))
-    got = load_bench("topicality").pmi(fm, PROMPTS, RESPONSES, batch_size=2)
+    got = pmi(fm, PROMPTS, RESPONSES, batch_size=2)
     tok = fm.tokenizer
     start = next(t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None)
     for i in range(2):
