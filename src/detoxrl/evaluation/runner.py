@@ -27,18 +27,24 @@ classifier's toxicity per sample), and ``summary.json``::
          "reward_classifier": {"role": "reward classifier", "kind": "classifier",
                                "model": ..., "label": ..., "measures": {...}},
          "SPEC": {"role": "judge", "kind": "classifier" | "callable" | "profanity-check",
-                  "model": SPEC, "label": ... or null, "measures": {...}}},
-         # measures: "expected_max_toxicity", "toxicity_probability", "average_toxicity"
+                  "model": SPEC, "label": ... or null, "measures": {...},
+                  "floor": {...}}},         # with --judge-floor (evaluation.floor)
+         # measures: "expected_max_toxicity", "toxicity_probability", "average_toxicity";
+         # with a floor the first two add "floor", "excess_before", "excess_after" and
+         # "excess_removed"
        "fluency": {"model": ..., "reference": true if the reference policy,
-                   "perplexity": M},
-       "diversity": {"distinct_1": M, "distinct_2": M, "distinct_3": M}},
+                   "perplexity": M},      # under the reference: verdict higher / lower
+       "diversity": {"distinct_1": M, "distinct_2": M, "distinct_3": M,   # within prompts
+                     "set_distinct_1": M, "set_distinct_2": M},           # the whole set
+       "topicality": {"measure", "pmi": M},  # prompt-response PMI under the reference
+       "best_of": N},                        # with --best-of: "after" is that baseline
      "settings": {what was evaluated and how: n, samples_per_prompt, protocol, prompts
                   {"source": "test split" | "file", "path", "sha256"}, output, judges,
                   fluency_model, decoding, sampling, max_new_tokens, seed, model, adapter,
                   adapter_sha256, data, reward, detoxrl version, device ...}}
 
-Every measure M is ``{"before", "after", "change" (after - before), "ci_low", "ci_high",
-"verdict", "lower_is_better", "n"}`` (:func:`detoxrl.evaluation.protocol.measure`).
+Every measure M is ``{"before", "after", "change" (after - before), "relative" (change /
+before), "ci_low", "ci_high", "verdict", "lower_is_better", "n"}`` (:func:`detoxrl.evaluation.protocol.measure`).
 ``detoxrl compare`` adds ``compare.{csv,md,html}``.
 """
 
