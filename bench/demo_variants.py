@@ -76,23 +76,29 @@ def figures(folder: Path, k: int) -> dict:
     return out
 
 
-def run_variant(name: str, extra: list[str], args) -> dict:
-    folder = args.runs / name
+def rerun_demo(base: Path, folder: Path, demo_args: list[str], log: Path) -> int:
+    """``detoxrl demo DEMO_ARGS --output-dir FOLDER`` on a copy of ``base``'s stages 0-2,
+    one torch thread, CPU only; its output goes to ``log``. Returns the exit code."""
     folder.mkdir(parents=True, exist_ok=True)
     for stage in (*REUSED, MARKER):
         if not (folder / stage).exists():
-            copy = shutil.copytree if (args.base / stage).is_dir() else shutil.copy2
-            copy(args.base / stage, folder / stage)
+            copy = shutil.copytree if (base / stage).is_dir() else shutil.copy2
+            copy(base / stage, folder / stage)
     command = [sys.executable, "-m", "detoxrl", "demo", "--output-dir", str(folder), "--quiet",
-               "--data-dir", str(args.data_dir), "--eval-prompts", str(args.eval_prompts),
-               "--toxic-prompts", str(args.toxic_prompts),
-               "--samples-per-prompt", str(args.samples_per_prompt), *map(str, extra),
-               *args.extra]
+               *map(str, demo_args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                TOKENIZERS_PARALLELISM="false")
+    with log.open("w") as fh:
+        return subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_variant(name: str, extra: list[str], args) -> dict:
+    folder = args.runs / name
     t0 = time.perf_counter()
-    with (args.runs / f"{name}.log").open("w") as log:
-        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    rc = rerun_demo(args.base, folder, [
+        "--data-dir", args.data_dir, "--eval-prompts", args.eval_prompts,
+        "--toxic-prompts", args.toxic_prompts, "--samples-per-prompt",
+        args.samples_per_prompt, *extra, *args.extra], args.runs / f"{name}.log")
     row = {"name": name, "overrides": extra, "rc": rc,
            "wall_s": round(time.perf_counter() - t0, 1)}
     if rc == 0:

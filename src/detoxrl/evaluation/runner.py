@@ -44,7 +44,8 @@ classifier's toxicity per sample), and ``summary.json``::
                   adapter_sha256, data, reward, detoxrl version, device ...}}
 
 Every measure M is ``{"before", "after", "change" (after - before), "relative" (change /
-before), "ci_low", "ci_high", "verdict", "lower_is_better", "n"}`` (:func:`detoxrl.evaluation.protocol.measure`).
+before), "ci_low", "ci_high", "verdict", "lower_is_better", "n"}``
+(:func:`detoxrl.evaluation.protocol.measure`).
 ``detoxrl compare`` adds ``compare.{csv,md,html}``.
 """
 
