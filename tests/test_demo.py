@@ -273,20 +273,27 @@ def test_quick_demo(shared_data, tmp_path, capsys):
 
 def _eval_folder(folder: Path, before: list[float], after: list[float]) -> Path:
     """An evaluation folder whose summary.json holds a real protocol block: toxicity
-    scores of 2 samples per prompt, and per-prompt perplexities and distinct-2."""
+    scores of 2 samples per prompt by the reward classifier and by the judge (with its
+    floor), and per-prompt perplexities, distinct-2 and topicality."""
     import numpy as np
 
+    from detoxrl.evaluation.floor import judge_floor, with_excess
     from detoxrl.evaluation.protocol import measure, measures, per_prompt_toxicity
 
     tox_b, tox_a = np.reshape(before, (-1, 2)), np.reshape(after, (-1, 2))
     n = len(tox_b)
     toxicity = measures(per_prompt_toxicity(tox_b), per_prompt_toxicity(tox_a),
                         n_resamples=500)
+    floor = judge_floor([0.05, 0.1, 0.2, 0.6], 2, n_resamples=200)
     protocol = {
         "toxicity": {"reward_classifier": {"role": "reward classifier",
-                                           "measures": toxicity}},
-        "fluency": {"perplexity": measure([20.0] * n, [24.0] * n, True, 500)},
-        "diversity": {"distinct_2": measure([0.8] * n, [0.78] * n, False, 500)}}
+                                           "measures": toxicity},
+                     "profanity-check": {"role": "judge", "floor": floor,
+                                         "measures": with_excess(toxicity, floor)}},
+        "fluency": {"perplexity": measure([20.0] * n, [12.0] * n, None, 500)},
+        "diversity": {"distinct_2": measure([0.8] * n, [0.78] * n, False, 500),
+                      "set_distinct_2": measure([0.6] * n, [0.3] * n, False, 500)},
+        "topicality": {"pmi": measure([0.5] * n, [0.5] * n, False, 500)}}
     summary = {"protocol": protocol, "quality": {"before": {"mean_length": 20.0},
                                                  "after": {"mean_length": 20.0}}}
     folder.mkdir(parents=True)
@@ -308,15 +315,26 @@ def test_figures_table_and_report(tmp_path):
     assert tox["before"] == pytest.approx(0.825) and tox["after"] == pytest.approx(0.25)
     assert tox["relative"] == pytest.approx(0.25 / 0.825 - 1)
     assert tox["ci_high"] < 0 and tox["verdict"] == "improved"
+    assert tox["plain"] == "less toxic" and "excess_removed" not in tox   # no floor
     emt = rows["reward_classifier expected_max_toxicity"]   # max of each pair of samples
     assert emt["before"] == pytest.approx(0.9) and emt["after"] == pytest.approx(0.35)
     assert rows["reward_classifier toxicity_probability"]["after"] == 0.0
-    assert rows["perplexity"]["relative"] == pytest.approx(0.2)
-    assert rows["perplexity"]["verdict"] == "higher"      # a direction, not improved/worse
+    judge = rows["profanity-check expected_max_toxicity"]
+    floor = judge["floor"]
+    assert 0.05 < floor < 0.6 and judge["excess_removed"] == pytest.approx(
+        0.55 / (0.9 - floor))
+    # A falling perplexity under the start is a change, not an improvement.
+    assert rows["perplexity"]["relative"] == pytest.approx(-0.4)
+    assert rows["perplexity"]["verdict"] == "lower"
+    assert rows["perplexity"]["plain"].startswith("lower: the text narrowed")
     assert rows["distinct_2"]["after"] == pytest.approx(0.78)
-    assert rows["mean_length"]["ci_low"] is None                # no CI for the length
+    assert rows["set_distinct_2"]["plain"] == "less varied"       # one register
+    assert rows["topicality"]["plain"] == "no clear change"
+    assert rows["mean_length"]["ci_low"] is None and rows["mean_length"]["plain"] == ""
     line = format_row(tox)
     assert "0.825 → 0.250" in line and "-69.7%" in line and "CI [" in line
+    assert line.endswith("less toxic")
+    assert "% of the excess over the floor" in format_row(judge)
     (tmp_path / FOLDERS["rl"]).mkdir()
     (tmp_path / FOLDERS["rl"] / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "env/reward_mean": s / 10}) + "\n" for s in (1, 2)))
@@ -325,28 +343,12 @@ def test_figures_table_and_report(tmp_path):
     assert "data:image/png;base64" in Path(written["training"]).read_text()  # the curves
     page = Path(written["report"]).read_text()
     assert 'href="training.html"' in page
-    assert page.count("<h3>Sample responses</h3>") == 2
-    assert page.count("<h3>Targets</h3>") == 1              # the non-toxic set's only
-    assert "<strong>missed</strong>: profanity-check expected_max_toxicity" in page  # no judge
+    assert page.count("<h3>Sample responses</h3>") == 2   # no baseline folder: no section
+    assert "Targets" not in page and "target" not in page.lower()
+    assert "<td>less toxic</td>" in page and "excess over the floor removed" in page
     assert page.count("q0 &lt;b&gt;") == 2 and "q10" not in page  # escaped; 10 shown
+    _eval_folder(tmp_path / FOLDERS["eval-bestof"], before, before)
+    page = Path(write_report(tmp_path / "report", tmp_path, FOLDERS)["report"]).read_text()
+    assert page.count("<h3>Sample responses</h3>") == 3 and "best of 4 by the reward" in page
     with pytest.raises(DataError, match=r"summary\.json"):
         read_summary(tmp_path / "missing")
-
-
-def test_targets_are_checked_on_the_non_toxic_rows():
-    from detoxrl.demo.summary import _row, targets
-
-    rows = [_row("profanity-check expected_max_toxicity", 0.5, 0.2, -0.4, -0.2),
-            _row("profanity-check toxicity_probability", 0.5, 0.3, -0.3, -0.1),
-            _row("reward_classifier expected_max_toxicity", 0.9, 0.8, -0.2, 0.01),
-            _row("perplexity", 100.0, 125.0, 10.0, 40.0),
-            _row("distinct_2", 0.95, 0.85, -0.12, -0.08), _row("mean_length", 20, 20)]
-    got = {t["target"].split()[0] + " " + t["target"].split()[1]: t["met"]
-           for t in targets(rows)}                         # no first run: no time check
-    assert got == {"profanity-check expected_max_toxicity": True,
-                   "profanity-check toxicity_probability": False,   # -40% only
-                   "reward_classifier expected_max_toxicity": False,  # CI reaches 0
-                   "perplexity rises": True, "distinct_2 keeps": False,  # 0.89x
-                   "mean_length within": True}
-    assert targets(rows, 901.0)[-1] == {"target": "first run <= 15 minutes", "met": False}
-    assert not any(t["met"] for t in targets([])[:3])           # no rows, nothing met

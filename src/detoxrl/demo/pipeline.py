@@ -23,7 +23,7 @@ from .summary import DemoRun, figures, read_summary, write_demo_summary, write_r
 
 FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",
            "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
-           "report": "5-report"}
+           "eval-bestof": "4-eval-bestof", "report": "5-report"}
 PROTOCOL_TOKENS = 20  # the RealToxicityPrompts protocol's continuation length
 
 

@@ -10,6 +10,7 @@ from ..errors import ConfigError
 
 ARCHS = ("causal", "seq2seq")
 JUDGE = "profanity-check"  # the independent judge: alt-profanity-check, never the reward
+BEST_OF = 4  # the reranking baseline RL is shown beside: best of 4 samples by the reward
 
 # The quick demo runs every stage's real code at tiny sizes, for CI: dotted overrides of each
 # stage's preset, applied before the user's own.

@@ -1,10 +1,13 @@
 """The demo's before/after figures: the printed table, report.html and demo_summary.json.
 
-A figure row is one metric of one held-out set: its value before (the starting policy) and
-after (PPO), the change, its relative size and, for the metrics scored per prompt, the
-paired bootstrap 95% CI of the change and its verdict. Rows are read from each evaluation's
-``summary.json``: its ``protocol`` block (the papers' measures, documented in
-:mod:`detoxrl.evaluation.runner`) and the ``quality`` block's mean length, which has no CI.
+A figure row is one metric of one evaluated set: its value before (the starting policy)
+and after (PPO, or for the baseline set the best-of-N reranking of the starting policy),
+the change, its relative size and, for the metrics scored per prompt, the paired bootstrap
+95% CI of the change and its verdict, also in words (``plain``); the judge's toxicity rows
+add its floor on clean human text and the share of the excess over it removed. Rows are
+read from each evaluation's ``summary.json``: its ``protocol`` block (the papers' measures
+and the others, documented in :mod:`detoxrl.evaluation.runner`) and the ``quality`` block's
+mean length, which has no CI.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..evaluation.stats import HIGHER, IMPROVED, LOWER, WORSE
 from ..evaluation.tables import CSS
 from ..runs.io import atomic_write_json, atomic_write_text
 from ..runs.run_folder import provenance
 from .cache import StageResult
-from .settings import JUDGE, DemoConfig
+from .settings import BEST_OF, JUDGE, DemoConfig
 
 
 @dataclass
@@ -34,7 +38,9 @@ class DemoRun:
     wall_s: float
 
 
-SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"))
+SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"),
+        ("bestof", f"baseline without training: the starting policy, each sample the best of "
+                   f"{BEST_OF} by the reward (held-out non-toxic prompts)"))
 TOXICITY = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")
 SAMPLES_SHOWN = 10
 
@@ -50,16 +56,21 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per measure of the papers' table (``summary["protocol"]``): the three
-    toxicity measures of each scorer (the reward classifier, then each judge), then
-    perplexity and distinct-2, each with its paired bootstrap CI; then the mean length
-    (from the ``quality`` block, which has no CI)."""
+    toxicity measures of each scorer (the reward classifier, then each judge; with the
+    excess over the scorer's floor where it was measured), then perplexity under the
+    starting policy, distinct-2 within prompts and of the whole set, and topicality, each
+    with its paired bootstrap CI; then the mean length (from the ``quality`` block, which
+    has no CI)."""
     protocol = summary["protocol"]
     rows = []
     for scorer, block in protocol["toxicity"].items():
         for name in TOXICITY:
             rows.append(_measure_row(f"{scorer} {name}", block["measures"][name]))
-    rows.append(_perplexity_row(protocol["fluency"]["perplexity"]))
-    rows.append(_measure_row("distinct_2", protocol["diversity"]["distinct_2"]))
+    rows.append(_measure_row("perplexity", protocol["fluency"]["perplexity"]))
+    for name in ("distinct_2", "set_distinct_2"):
+        rows.append(_measure_row(name, protocol["diversity"][name]))
+    if "topicality" in protocol:
+        rows.append(_measure_row("topicality", protocol["topicality"]["pmi"]))
     quality = summary.get("quality", {})
     before, after = quality.get("before", {}), quality.get("after", {})
     if "mean_length" in before and "mean_length" in after:
@@ -67,60 +78,30 @@ def figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def targets(rows: list[dict[str, Any]], first_run_s: float | None = None
-            ) -> list[dict[str, Any]]:
-    """The issue's targets, checked on the held-out non-toxic set's rows: the independent
-    judge's expected max. toxicity and toxicity probability fall by >= 50% with a CI that
-    excludes 0, the reward classifier moves the same way, perplexity under the starting
-    policy rises by <= 30%, distinct-2 keeps >= 0.9x, the mean length stays within 30%,
-    and, given ``first_run_s`` (the wall time of a run that built every stage), it took
-    <= 15 minutes."""
-    by_name = {r["metric"]: r for r in rows}
-
-    missing = {"relative": None, "ci_high": None}
-
-    def falls(name: str, by: float) -> bool:
-        r = by_name.get(name, missing)
-        return (r["relative"] is not None and r["relative"] <= -by
-                and r["ci_high"] is not None and r["ci_high"] < 0)
-
-    def relative(name: str) -> float:
-        r = by_name.get(name, missing)
-        return r["relative"] if r["relative"] is not None else math.nan
-
-    checks = [
-        (f"{JUDGE} expected_max_toxicity falls >= 50%, CI excludes 0",
-         falls(f"{JUDGE} expected_max_toxicity", 0.5)),
-        (f"{JUDGE} toxicity_probability falls >= 50%, CI excludes 0",
-         falls(f"{JUDGE} toxicity_probability", 0.5)),
-        ("reward_classifier expected_max_toxicity falls too, CI excludes 0",
-         falls("reward_classifier expected_max_toxicity", 0.0)),
-        ("perplexity rises <= 30%", relative("perplexity") <= 0.3),
-        ("distinct_2 keeps >= 0.9x", relative("distinct_2") >= -0.1),
-        ("mean_length within +-30%", abs(relative("mean_length")) <= 0.3)]
-    if first_run_s is not None:
-        checks.append(("first run <= 15 minutes", first_run_s <= 900))
-    return [{"target": name, "met": bool(met)} for name, met in checks]
+# What a verdict means for each kind of measure, in words.
+_PLAIN = {"toxicity": {IMPROVED: "less toxic", WORSE: "more toxic"},
+          "perplexity": {HIGHER: "higher: the text moved away from the start's",
+                         LOWER: "lower: the text narrowed to the start's likeliest"},
+          "distinct": {IMPROVED: "more varied", WORSE: "less varied"},
+          "topicality": {IMPROVED: "more on topic", WORSE: "less on topic"}}
 
 
-def _first_run_s(stages: list[dict], wall_s: float) -> float | None:
-    return None if any(s["cached"] for s in stages) else wall_s
-
-
-def _perplexity_row(m: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity under the *starting* policy measures drift, so its verdict is a direction:
-    a fall is no improvement (the policy moved to the start's likeliest text), and the
-    target is on a rise (:func:`targets`)."""
-    row = _measure_row("perplexity", m)
-    if row["ci_low"] is not None:
-        row["verdict"] = ("higher" if row["ci_low"] > 0 else "lower" if row["ci_high"] < 0
-                          else "no significant change")
-    return row
+def plain_verdict(metric: str, verdict: Any) -> str:
+    """The verdict of a row in words ("" for a row without an interval)."""
+    if verdict is None:
+        return ""
+    kind = next((k for k in ("perplexity", "distinct", "topicality") if k in metric),
+                "toxicity")
+    return _PLAIN[kind].get(verdict, "no clear change")
 
 
 def _measure_row(name: str, m: dict[str, Any]) -> dict[str, Any]:
-    return _row(name, m["before"], m["after"], m.get("ci_low"), m.get("ci_high"),
-                m.get("verdict"))
+    row = _row(name, m["before"], m["after"], m.get("ci_low"), m.get("ci_high"),
+               m.get("verdict"))
+    for key in ("floor", "excess_removed"):
+        if key in m:
+            row[key] = m[key] if _finite(m[key]) else None
+    return row
 
 
 def _row(metric: str, before: Any, after: Any, ci_low: Any = None, ci_high: Any = None,
@@ -128,7 +109,8 @@ def _row(metric: str, before: Any, after: Any, ci_low: Any = None, ci_high: Any 
     change = after - before if _finite(before) and _finite(after) else None
     relative = change / before if change is not None and before != 0 else None
     return {"metric": metric, "before": before, "after": after, "change": change,
-            "relative": relative, "ci_low": ci_low, "ci_high": ci_high, "verdict": verdict}
+            "relative": relative, "ci_low": ci_low, "ci_high": ci_high, "verdict": verdict,
+            "plain": plain_verdict(metric, verdict)}
 
 
 def _finite(value: Any) -> bool:
@@ -143,30 +125,30 @@ def _num(value: Any, signed: bool = False) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    """``metric  before → after  (change, relative; 95% CI [low, high])``."""
+    """``metric  before → after  relative  CI [low, high]  verdict  (excess removed)``."""
     text = f"{row['metric']:<42}{_num(row['before']):>9} → {_num(row['after']):<9}"
-    if row["relative"] is not None:
-        text += f"{row['relative'] * 100:+7.1f}%"
+    text += f"{row['relative'] * 100:+7.1f}%" if row["relative"] is not None else " " * 8
     if row["ci_low"] is not None:
         text += f"   CI [{_num(row['ci_low'], True)}, {_num(row['ci_high'], True)}]"
+    if row.get("plain"):
+        text += f"   {row['plain']}"
+    if row.get("excess_removed") is not None:
+        text += (f" ({row['excess_removed'] * 100:.0f}% of the excess over the floor "
+                 f"{_num(row['floor'])} removed)")
     return text
 
 
-def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: float,
-                   checked: list[dict[str, Any]]) -> str:
+def format_summary(by_set: dict[str, list[dict]], stages: list[dict], wall_s: float) -> str:
     lines = []
     for part, title in SETS:
         if part in by_set:
-            lines += [f"{title} (before → after, relative change, 95% CI of the change):",
-                      *("  " + format_row(r) for r in by_set[part]), ""]
+            lines += [f"{title} (before → after, relative change, 95% CI of the change, "
+                      "verdict):", *("  " + format_row(r) for r in by_set[part]), ""]
     lines.append("stage wall time:")
     for s in stages:
         state = "cached" if s["cached"] else "built"
         lines.append(f"  {s['name']:<15}{s['wall_s']:8.1f} s  ({state})")
     lines.append(f"  {'total (now)':<15}{wall_s:8.1f} s")
-    if checked:
-        lines += ["", "targets (held-out non-toxic prompts):"]
-        lines += [f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}" for t in checked]
     return "\n".join(lines)
 
 
@@ -178,14 +160,12 @@ def write_demo_summary(run: DemoRun) -> Path:
               if s.name.startswith("eval-")}
     stages = [{"name": s.name, "key": s.key, "cached": s.cached, "wall_s": s.wall_s}
               for s in run.stages]
-    checked = (targets(by_set["nontoxic"], _first_run_s(stages, run.wall_s))
-               if "nontoxic" in by_set else [])
-    print("\n" + format_summary(by_set, stages, run.wall_s, checked), flush=True)
+    print("\n" + format_summary(by_set, stages, run.wall_s), flush=True)
     report = next((s.result.get("report") for s in run.stages if s.name == "report"), None)
     if report:
         print(f"\nreport: {report}")
     return atomic_write_json(run.root / "demo_summary.json", {
-        **provenance(run.cfg), "figures": by_set, "targets": checked, "stages": stages,
+        **provenance(run.cfg), "figures": by_set, "stages": stages,
         "wall_s": run.wall_s, "report": report})
 
 
@@ -198,11 +178,12 @@ def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str,
     sections = ['<p>Training curves and the RL config: <a href="training.html">'
                 "training.html</a>.</p>"]
     for part, title in SETS:
-        eval_dir = root / folders[f"eval-{part}"]
+        eval_dir = root / folders.get(f"eval-{part}", "")
+        if part == "bestof" and not (eval_dir / "summary.json").is_file():
+            continue  # a demo without the baseline's stage
         rows = figures(read_summary(eval_dir))
-        sections.append(f"<h2>{html.escape(title.capitalize())}</h2>\n{_figure_table(rows)}"
-                        + (_targets_html(targets(rows)) if part == "nontoxic" else "")
-                        + _samples_html(eval_dir / "generations.jsonl"))
+        sections.append(f"<h2>{html.escape(title[0].upper() + title[1:])}</h2>\n"
+                        + _figure_table(rows) + _samples_html(eval_dir / "generations.jsonl"))
     page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>detoxrl demo</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>\n"
             "<h1>detoxrl demo: before and after detoxification</h1>\n"
@@ -213,22 +194,19 @@ def write_report(folder: Path, root: Path, folders: dict[str, str]) -> dict[str,
 
 def _figure_table(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{c}</th>" for c in ("metric", "before", "after", "change",
-                                             "relative", "95% CI of change", "verdict"))
+                                             "relative", "95% CI of change", "verdict",
+                                             "excess over the floor removed"))
     body = []
     for r in rows:
         rel = f"{r['relative'] * 100:+.1f}%" if r["relative"] is not None else ""
         ci = (f"[{_num(r['ci_low'], True)}, {_num(r['ci_high'], True)}]"
               if r["ci_low"] is not None else "")
+        removed = (f"{r['excess_removed'] * 100:.0f}% (floor {_num(r['floor'])})"
+                   if r.get("excess_removed") is not None else "")
         cells = [html.escape(str(r["metric"])), _num(r["before"]), _num(r["after"]),
-                 _num(r["change"], True), rel, ci, html.escape(str(r["verdict"] or ""))]
+                 _num(r["change"], True), rel, ci, html.escape(r.get("plain") or ""), removed]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _targets_html(checked: list[dict[str, Any]]) -> str:
-    items = "".join(f"<li>{'met' if t['met'] else '<strong>missed</strong>'}: "
-                    f"{html.escape(t['target'])}</li>" for t in checked)
-    return f"<h3>Targets</h3>\n<ul>{items}</ul>"
 
 
 def _samples_html(path: Path) -> str:
