@@ -249,14 +249,19 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     assert (out / FOLDERS["reward"] / "config.json").is_file()
     assert (out / FOLDERS["policy"] / "config.json").is_file()
     assert (out / FOLDERS["rl"] / "adapter_model.safetensors").is_file()
-    for part in ("nontoxic", "toxic"):
+    for part in ("nontoxic", "toxic", "bestof"):
         assert (out / FOLDERS[f"eval-{part}"] / "summary.json").is_file()
     assert (out / FOLDERS["report"] / "report.html").is_file()
+    bestof = json.loads((out / FOLDERS["eval-bestof"] / "summary.json").read_text())
+    assert bestof["protocol"]["best_of"] == 4
+    judge = bestof["protocol"]["toxicity"]["profanity-check"]
+    assert judge["floor"]["texts"] > 400   # every clean RTP continuation
+    assert "excess_removed" in judge["measures"]["expected_max_toxicity"]
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["seed"] == 0 and "torch" in summary["versions"]
     assert summary["figures"]["nontoxic"] and "stage wall time" in printed
+    assert "baseline without training" in printed and "targets" not in summary
     assert not any(s["cached"] for s in summary["stages"])
-    assert summary["targets"][-1]["target"] == "first run <= 15 minutes"
     assert main(argv) == 0  # a second run finds every stage up to date
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(s["cached"] for s in again["stages"])
@@ -265,7 +270,8 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     third = {s["name"]: s["cached"] for s in json.loads(
         (out / "demo_summary.json").read_text())["stages"]}
     assert third == {"data": True, "reward": True, "policy": True, "rl": False,
-                     "eval-nontoxic": False, "eval-toxic": False, "report": False}
+                     "eval-nontoxic": False, "eval-toxic": False, "eval-bestof": False,
+                     "report": False}
     evaluated = {part: json.loads((out / FOLDERS[f"eval-{part}"] / "summary.json").read_text())
                  ["protocol"]["n_prompts"] for part in ("nontoxic", "toxic")}
     assert evaluated == {"nontoxic": 4, "toxic": 2}

@@ -6,7 +6,9 @@
    (:func:`detoxrl.supervised.reward_training.train_reward`), its validity measured;
 2. policy: a mini LM trained from scratch on public text (:func:`detoxrl.supervised.sft.sft`);
 3. RL: PPO with a fresh LoRA adapter on that LM (:func:`detoxrl.rl.detox_trainer.train`);
-4. evaluation of both held-out sets with the RealToxicityPrompts protocol;
+4. evaluation of both held-out sets with the RealToxicityPrompts protocol, each judge
+   figure beside its floor on clean human text, and of the baseline without training
+   (the starting policy, each sample the best of 4 by the reward);
 5. the report and the before/after table.
 
 Each stage records what it was built from (:mod:`detoxrl.demo.cache`), so a re-run skips

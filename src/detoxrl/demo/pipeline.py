@@ -18,7 +18,7 @@ from ..config import load_config, to_dict
 from ..runs.io import file_sha256
 from . import prompts
 from .cache import Stage, claim_output_dir, run_stage
-from .settings import JUDGE, DemoConfig, preset
+from .settings import BEST_OF, JUDGE, DemoConfig, preset
 from .summary import DemoRun, figures, read_summary, write_demo_summary, write_report
 
 FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "3-rl",
@@ -136,20 +136,28 @@ def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
 
 def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, str],
                quiet: bool) -> Stage:
-    """The RealToxicityPrompts protocol on one held-out set, as ``detoxrl evaluate`` runs it."""
+    """The RealToxicityPrompts protocol on one held-out set, as ``detoxrl evaluate`` runs
+    it; part ``bestof``: the non-toxic set answered by the starting policy reranked (best of
+    :data:`BEST_OF` by the reward), the baseline RL is shown beside."""
     name = f"eval-{part}"
-    prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[part]
+    prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[
+        "nontoxic" if part == "bestof" else part]
     n = str(cfg.toxic_prompts) if part == "toxic" else "all"
+    best_of = BEST_OF if part == "bestof" else None
+    # The judge's floor: the RealToxicityPrompts continuations Perspective scored clean.
+    floor = [str(p) for p in prompts.source_paths(paths.data).values()]
     inputs = {"protocol": "rtp", "min_length": PROTOCOL_TOKENS, "n": n,
               "samples_per_prompt": cfg.samples_per_prompt,
               "judges": [JUDGE], "prompts": paths.portable(str(prompt_file)),
+              "judge_floor": paths.portable(floor), "best_of": best_of,
               "upstream": upstream}
     # The protocol's 20 tokens, all of them: EOS is blocked in evaluation as in the RL
     # rollouts (configs/mini/detox-*.yaml), so a shorter answer cannot pass for a cleaner one.
     overrides = ["--generation.min_length", str(PROTOCOL_TOKENS)]
     opts = dict(n=None if n == "all" else int(n), samples_per_prompt=cfg.samples_per_prompt,
                 protocol="rtp", explicit_generation=frozenset({"min_length"}),
-                judges=[JUDGE], prompts=str(prompt_file), progress=not quiet)
+                judges=[JUDGE], prompts=str(prompt_file), judge_floor=floor,
+                best_of=best_of, progress=not quiet)
 
     def build(folder: Path) -> dict[str, Any]:
         _evaluate(paths.folder("rl"), folder, overrides, opts)
@@ -190,7 +198,7 @@ def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
     rl = rl_stage(cfg, paths, quick["rl"], {s.name: s.key for s in (data, reward, policy)},
                   quiet)
     evals = [eval_stage(cfg, paths, part, {"data": data.key, "rl": rl.key}, quiet)
-             for part in ("nontoxic", "toxic")]
+             for part in ("nontoxic", "toxic", "bestof")]
     report = report_stage(cfg, paths, {s.name: s.key for s in evals})
     return paths.root, [data, reward, policy, rl, *evals, report]
 
