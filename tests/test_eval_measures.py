@@ -96,6 +96,9 @@ def test_excess_over_the_floor_by_hand():
     assert np.isnan(got["toxicity_probability"]["excess_removed"])  # starts under the floor
     assert got["average_toxicity"] == measures["average_toxicity"]
     assert "floor" not in measures["expected_max_toxicity"], "the input is left alone"
+    # A start inside the floor's interval has no excess to speak of.
+    unsure = {**floor, "expected_max_toxicity": {"value": 0.25, "ci_high": 0.55}}
+    assert np.isnan(with_excess(measures, unsure)["expected_max_toxicity"]["excess_removed"])
 
 
 def _rtp(prompt: str, text: str, toxicity) -> str:

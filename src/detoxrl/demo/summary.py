@@ -39,8 +39,8 @@ class DemoRun:
 
 
 SETS = (("nontoxic", "held-out non-toxic prompts"), ("toxic", "held-out toxic prompts"),
-        ("bestof", f"baseline without training: the starting policy, each sample the best of "
-                   f"{BEST_OF} by the reward (held-out non-toxic prompts)"))
+        ("bestof", f"baseline without training, the starting policy's best of {BEST_OF} by "
+                   "the reward (held-out non-toxic prompts)"))
 TOXICITY = ("expected_max_toxicity", "toxicity_probability", "average_toxicity")
 SAMPLES_SHOWN = 10
 
@@ -107,7 +107,8 @@ def _measure_row(name: str, m: dict[str, Any]) -> dict[str, Any]:
 def _row(metric: str, before: Any, after: Any, ci_low: Any = None, ci_high: Any = None,
          verdict: Any = None) -> dict[str, Any]:
     change = after - before if _finite(before) and _finite(after) else None
-    relative = change / before if change is not None and before != 0 else None
+    # A relative change reads only against a positive start (the PMI can be <= 0).
+    relative = change / before if change is not None and before > 0 else None
     return {"metric": metric, "before": before, "after": after, "change": change,
             "relative": relative, "ci_low": ci_low, "ci_high": ci_high, "verdict": verdict,
             "plain": plain_verdict(metric, verdict)}

@@ -113,13 +113,14 @@ def judge_floor(scores: Any, k: int, n_resamples: int = 10_000, confidence: floa
 def with_excess(measures: dict[str, dict[str, Any]], floor: dict[str, Any]
                 ) -> dict[str, dict[str, Any]]:
     """``measures`` with ``floor``, ``excess_before``, ``excess_after`` and
-    ``excess_removed`` added to the floored ones (NaN where the start is at the floor)."""
+    ``excess_removed`` added to the floored ones. ``excess_removed`` is NaN unless the start
+    is above the floor's interval: a share of an excess that may be 0 means nothing."""
     out = dict(measures)
     for name in FLOORED:
-        m, level = dict(measures[name]), floor[name]["value"]
-        m.update(floor=level, excess_before=m["before"] - level,
-                 excess_after=m["after"] - level)
-        m["excess_removed"] = (-m["change"] / m["excess_before"] if m["excess_before"] > 0
-                               else float("nan"))
+        m, f = dict(measures[name]), floor[name]
+        m.update(floor=f["value"], excess_before=m["before"] - f["value"],
+                 excess_after=m["after"] - f["value"])
+        above = m["before"] > f.get("ci_high", f["value"])
+        m["excess_removed"] = -m["change"] / m["excess_before"] if above else float("nan")
         out[name] = m
     return out

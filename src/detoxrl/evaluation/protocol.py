@@ -153,7 +153,7 @@ def measure(before: Any, after: Any, lower_is_better: bool | None, n_resamples: 
             confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """One measure before and after: the means of its per-prompt values, the change
     ``after - before`` with a paired bootstrap interval over prompts, its ``relative``
-    size (``change / before``; NaN for a ``before`` of 0) and its verdict.
+    size (``change / before``; NaN unless ``before`` is positive) and its verdict.
 
     Prompts whose value is NaN on either side (perplexity of empty samples) are left out
     of both sides; ``n`` says how many prompts count.
@@ -170,7 +170,7 @@ def measure(before: Any, after: Any, lower_is_better: bool | None, n_resamples: 
         return result
     boot = paired_bootstrap(b, a, n_resamples, confidence, seed)
     result.update(before=boot["before"], after=boot["after"], change=boot["observed"],
-                  relative=(boot["observed"] / boot["before"] if boot["before"] else nan),
+                  relative=(boot["observed"] / boot["before"] if boot["before"] > 0 else nan),
                   ci_low=boot["ci_low"], ci_high=boot["ci_high"],
                   verdict=verdict(boot["ci_low"], boot["ci_high"], lower_is_better))
     return result
