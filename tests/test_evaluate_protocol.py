@@ -188,6 +188,9 @@ def test_report_shows_the_papers_table(run_dir, judge_module, tiny_classifier_pa
     (["--judge", "no_such_module:score"], "Cannot load the judge"),
     (["--judge", "tiny:roberta-hate@toxic"], "no label named 'toxic'"),
     (["--fluency-model", "/no/such/model"], "Cannot load the fluency model"),
+    (["--best-of", "0"], "--best-of must be at least 1"),
+    (["--greedy", "--samples-per-prompt", "1", "--best-of", "2"], "--best-of N reranks"),
+    (["--judge-floor", "/no/such/clean.jsonl"], "--judge-floor '/no/such/clean.jsonl' is not"),
 ])
 def test_bad_evaluation_input_exits_2_and_writes_nothing(run_dir, tmp_path, capsys, args,
                                                          message):
