@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_variants import REUSED, rerun_demo
 from detoxrl.demo.cache import read_record
-from detoxrl.io import atomic_write_json, atomic_write_text
+from detoxrl.runs.io import atomic_write_json, atomic_write_text
 
 JUDGE = "profanity-check"
 EMT, TP = f"{JUDGE} expected_max_toxicity", f"{JUDGE} toxicity_probability"

@@ -136,7 +136,7 @@ def test_best_of_n_keeps_the_top_scored_of_each_group(tiny_gpt2_path):
     from detoxrl.config import ModelConfig, SamplingConfig
     from detoxrl.data import collate_queries
     from detoxrl.evaluation.sampling import best_of_n
-    from detoxrl.policy import Policy
+    from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(tiny_gpt2_path)),
                                     trainable=False, value_head=False)
