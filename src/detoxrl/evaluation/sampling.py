@@ -94,12 +94,10 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
             before = policy.generate(q, qm, sampling, limits, batch["query"],
                                      num_return_sequences=k, with_logprobs=read_before)
         torch.manual_seed(seed + b)
-        if best_of:
-            after = best_of_n(policy, q, qm, sampling, limits, batch["query"], k, best_of,
-                              rerank)
-        else:
-            after = policy.generate(q, qm, sampling, limits, batch["query"],
-                                    num_return_sequences=k, with_logprobs=read_after)
+        after = (best_of_n(policy, q, qm, sampling, limits, batch["query"], k, best_of, rerank)
+                 if best_of else policy.generate(q, qm, sampling, limits, batch["query"],
+                                                 num_return_sequences=k,
+                                                 with_logprobs=read_after))
         out.before += before.responses
         out.after += after.responses
         out.tokens_before += generated_lengths(before)
