@@ -1,5 +1,6 @@
 """bench/demo_seeds.py: the targets checked on hand-made rows, the spread over seeds, a base
-without built stages refused; end to end on the quick demo, two RL seeds."""
+without built stages refused; end to end on the quick demo with one RL seed (the spread
+over several is the unit test's)."""
 
 from __future__ import annotations
 
@@ -75,15 +76,13 @@ def test_seeds_on_the_quick_demo(shared_data, tmp_path):
     assert main(["demo", *quick, "--output-dir", str(base), "--quiet"]) == 0
     ds = load_bench("demo_seeds")
     out = tmp_path / "results"
-    ds.main(["--base", str(base), "--seeds", "0", "1", "--jobs", "2", "--runs",
+    ds.main(["--base", str(base), "--seeds", "1", "--jobs", "1", "--runs",
              str(tmp_path / "runs"), "--data-dir", str(shared_data), "--out-dir", str(out),
              "--extra", "--quick"])
     result = json.loads((out / "demo_seeds-causal.json").read_text())
-    assert [r["seed"] for r in result["seeds"]] == [0, 1]
-    assert all(r["rc"] == 0 for r in result["seeds"]), (tmp_path / "runs").iterdir()
-    rl_seeds = {json.loads((tmp_path / "runs" / f"causal-seed{s}" / "3-rl" / "stage.json")
-                           .read_text())["inputs"]["config"]["seed"] for s in (0, 1)}
-    assert rl_seeds == {0, 1}
+    assert [(r["seed"], r["rc"]) for r in result["seeds"]] == [(1, 0)]
+    rl = json.loads((tmp_path / "runs" / "causal-seed1" / "3-rl" / "stage.json").read_text())
+    assert rl["inputs"]["config"]["seed"] == 1, "the RL stage ran again with its own seed"
     for r in result["seeds"]:
         assert set(r["figures"]["sets"]) == {"nontoxic", "toxic", "bestof"}
         assert r["figures"]["reward"]["eval"]["n"] > 0
@@ -93,5 +92,5 @@ def test_seeds_on_the_quick_demo(shared_data, tmp_path):
     assert result["first_run_s"] > 0 and result["all_met"] is False  # the quick demo
     assert f"{EMT} after" in result["spread"]["nontoxic"]
     table = (out / "demo_seeds-causal.md").read_text()
-    assert "| seed 0 | seed 1 |" in table and "## targets" in table
+    assert "| seed 1 |" in table and "## targets" in table
     shutil.rmtree(tmp_path / "runs")
