@@ -134,8 +134,8 @@ def _length_reward(queries, responses):
 
 def test_best_of_n_keeps_the_top_scored_of_each_group(tiny_gpt2_path):
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.data import collate_queries
     from detoxrl.evaluation.sampling import best_of_n
+    from detoxrl.models.generation import collate_queries
     from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(tiny_gpt2_path)),
