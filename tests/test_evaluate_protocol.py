@@ -106,10 +106,20 @@ def test_evaluate_k_samples_seq2seq_with_judges(run_dir, judge_module, tmp_path)
     settings = summary["settings"]
     assert settings["samples_per_prompt"] == K and settings["output"] == str(out.resolve())
     assert settings["judges"] == [judge_module, "profanity-check"]
-    # The trained adapter changed some samples, drawn with the reference's seeds.
+    # The trained adapter changed some samples, drawn with the reference's seeds: a pair
+    # shares a longer opening than a response and another prompt's sample do.
     rows = read_jsonl(out / "generations.jsonl")
     assert any(r["before"] != r["after"] for r in rows)
-    assert any(r["before"] == r["after"] for r in rows)
+    shared = [_opening(r["before"], r["after"]) for r in rows]
+    unpaired = [_opening(a["before"], b["after"])
+                for a, b in zip(rows, rows[1:] + rows[:1], strict=True)]
+    assert np.mean(shared) > 2 * np.mean(unpaired)
+
+
+def _opening(a: str, b: str) -> int:
+    """Characters two texts share from their start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def causal_run(root: Path, rtp_file: Path) -> Path:
