@@ -48,7 +48,7 @@ def test_smoke_run_writes_no_warning(tmp_path):
 
 def test_quick_demo_writes_no_warning(tmp_path, shared_data):
     proc = detoxrl("demo", "--quick", "--data-dir", shared_data, cwd=tmp_path)
-    assert "[7/7] report" in proc.stdout
+    assert "[8/8] report" in proc.stdout
     assert warnings_in(proc.stderr) == []
 
 

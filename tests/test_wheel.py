@@ -55,5 +55,5 @@ def test_wheel_runs_the_quick_demo_outside_the_checkout(tmp_path, shared_data):
     assert where.stdout.startswith(str(venv)), where.stdout
     proc = run([venv / "bin" / "detoxrl", "demo", "--quick", "--quiet", "--data-dir",
                 shared_data], cwd=elsewhere)
-    assert "[7/7] report" in proc.stdout
+    assert "[8/8] report" in proc.stdout
     assert (elsewhere / "runs" / "demo-quick" / "5-report" / "report.html").is_file()
