@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import random
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -71,3 +72,10 @@ def reward_config(tmp_path: Path, **extra) -> Path:
     path = tmp_path / "reward.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a launched process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import weakref
@@ -43,6 +42,7 @@ from detoxrl.errors import ConfigError
 from detoxrl.rl import distributed as dist
 from detoxrl.rl.kl import AdaptiveKLController
 from detoxrl.rl.learner import Learner
+from helpers import free_port
 
 LAUNCH = [
     pytest.mark.slow,
@@ -126,12 +126,6 @@ def _why(stderr: str) -> str:
     return stderr[start:start + 8000] if start >= 0 else stderr[-8000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Launcher:
     def __init__(self, root: Path):
         self.root = root
@@ -159,7 +153,7 @@ class Launcher:
             env["ACCELERATE_USE_CPU"] = "true"
             cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), *args]
+                   "--main_process_port", str(free_port()), *args]
         else:
             cmd = [sys.executable, *args]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

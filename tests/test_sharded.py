@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import free_port  # noqa: E402
 from sharded_driver import merged_records, run_case  # noqa: E402
 
 pytestmark = [
@@ -81,12 +81,6 @@ def _overrides(case: str) -> list[str]:
     return [*COMMON, f"--model.name_or_path=tiny:{model}", *ALGORITHMS[algorithm]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Launcher:
     def __init__(self, root: Path):
         self.root, self.dump = root, root / "dump"
@@ -118,7 +112,7 @@ class Launcher:
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *config,
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(Path(__file__).parent / "sharded_driver.py"), str(spec)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT)
