@@ -275,6 +275,14 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     evaluated = {part: json.loads((out / FOLDERS[f"eval-{part}"] / "summary.json").read_text())
                  ["protocol"]["n_prompts"] for part in ("nontoxic", "toxic")}
     assert evaluated == {"nontoxic": 4, "toxic": 2}
+    # A moved demo evaluates against its own stages, not the paths RL was trained from.
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert main([*argv[:-3], "--output-dir", str(moved), "--quiet", "--rl.steps", "3",
+                 "--toxic-prompts", "2", "--samples-per-prompt", "3"]) == 0
+    fourth = {s["name"]: s["cached"] for s in json.loads(
+        (moved / "demo_summary.json").read_text())["stages"]}
+    assert fourth["rl"] and not fourth["eval-nontoxic"]
 
 
 def _eval_folder(folder: Path, before: list[float], after: list[float]) -> Path:

@@ -153,7 +153,11 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
               "upstream": upstream}
     # The protocol's 20 tokens, all of them: EOS is blocked in evaluation as in the RL
     # rollouts (configs/mini/detox-*.yaml), so a shorter answer cannot pass for a cleaner one.
-    overrides = ["--generation.min_length", str(PROTOCOL_TOKENS)]
+    # The run's config.yaml names the policy and reward by the paths they had when RL ran;
+    # this demo's own stages are named instead, so a moved or copied demo still evaluates.
+    overrides = ["--generation.min_length", str(PROTOCOL_TOKENS),
+                 "--model.name_or_path", str(paths.folder("policy")),
+                 "--reward.model", str(paths.folder("reward"))]
     opts = dict(n=None if n == "all" else int(n), samples_per_prompt=cfg.samples_per_prompt,
                 protocol="rtp", explicit_generation=frozenset({"min_length"}),
                 judges=[JUDGE], prompts=str(prompt_file), judge_floor=floor,
