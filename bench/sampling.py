@@ -118,7 +118,9 @@ def prompts(policy, data_path: Path, n: int, max_tokens: int):
 # --------------------------------------------------------------------------- modes
 
 def floor_loop(model, ids, mask, steps: int, static: bool = False, step_fn=None):
-    """``steps`` cached forward passes taking the argmax, the least any decoder computes."""
+    """``steps`` cached forward passes taking the argmax, the least any decoder computes;
+    the (rows, steps) tokens. With ``static``, a ``StaticCache`` and a decode step whose
+    inputs keep one shape (the whole mask every step), so a compiled ``step_fn`` traces once."""
     import torch
     from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
@@ -135,6 +137,7 @@ def floor_loop(model, ids, mask, steps: int, static: bool = False, step_fn=None)
                                      DynamicCache(config=model.config))
                  if seq2seq else DynamicCache(config=model.config))
     forward = step_fn or model
+    tokens = []
     with torch.no_grad():
         if seq2seq:
             encoder = model.get_encoder()(input_ids=ids, attention_mask=mask)
@@ -145,7 +148,8 @@ def floor_loop(model, ids, mask, steps: int, static: bool = False, step_fn=None)
                               decoder_input_ids=token, cache=cache, use_cache=True,
                               cache_position=torch.tensor([t], device=ids.device))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-            return
+                tokens.append(token)
+            return torch.cat(tokens, 1)
         full = torch.cat([mask, mask.new_ones(rows, steps)], 1)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=full[:, :width], position_ids=pos,
@@ -154,9 +158,14 @@ def floor_loop(model, ids, mask, steps: int, static: bool = False, step_fn=None)
         pos = pos[:, -1:]
         for t in range(1, steps):
             token, pos = out.logits[:, -1].argmax(-1, keepdim=True), pos + 1
-            out = forward(input_ids=token, attention_mask=full[:, :width + t],
-                          position_ids=pos, cache=cache, use_cache=True,
+            tokens.append(token)
+            # A static cache masks the positions not yet written by their cache position.
+            seen = full if static else full[:, :width + t]
+            out = forward(input_ids=token, attention_mask=seen, position_ids=pos,
+                          cache=cache, use_cache=True,
                           cache_position=torch.tensor([width + t - 1], device=ids.device))
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, 1)
 
 
 def make_modes(args, policy, ids, mask) -> dict:
