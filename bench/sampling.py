@@ -136,7 +136,7 @@ def floor_loop(model, ids, mask, steps: int, static: bool = False, step_fn=None)
         cache = (EncoderDecoderCache(DynamicCache(config=model.config),
                                      DynamicCache(config=model.config))
                  if seq2seq else DynamicCache(config=model.config))
-    forward = step_fn or model
+    forward = model if step_fn is None else step_fn
     tokens = []
     with torch.no_grad():
         if seq2seq:
