@@ -2,14 +2,18 @@
 """The demo's two evaluation stages, run by two checkouts of detoxrl back to back.
 
     python bench/eval_speed.py --run runs/demo --before-src /tmp/before/src \
-        [--after-src src] [--rounds 1] [--out bench/results/eval_speed.json]
+        [--after-src src] [--rounds 1] [--nontoxic all] [--toxic 100]
+        [--keep DIR] [--out bench/results/eval_speed.json]
 
 ``--run``: a demo output folder (its ``3-rl`` run and ``0-data`` held-out prompts).
 Each round runs ``detoxrl evaluate`` with the demo's arguments (protocol rtp, 20 tokens, 25
 samples per prompt, the profanity-check judge; every non-toxic prompt, the first 100 toxic
-ones) once with each source tree on ``PYTHONPATH``, in alternating order, each in its own
+ones; ``--nontoxic N`` / ``--toxic N`` take fewer, for a quicker check) once with each
+source tree on ``PYTHONPATH``, in alternating order, each in its own
 process with one thread. Wall and CPU seconds (the child's user + system time, robust on a
 shared machine) per stage; the ratio after / before of their sums is the result.
+``--keep DIR`` keeps every evaluation's output folder there (``<side>-<round>-<stage>``),
+e.g. to check that two trees report the same figures.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--after-src", type=Path, default=Path(__file__).resolve().parents[1] / "src")
     ap.add_argument("--samples-per-prompt", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--nontoxic", default=STAGES["nontoxic"], help="prompts: N or all")
+    ap.add_argument("--toxic", default=STAGES["toxic"], help="prompts: N or all")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the output folders here")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
 
 
-def run_stage(src: Path, run: Path, part: str, samples: int, out_dir: Path) -> dict:
+def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Path) -> dict:
     """One ``detoxrl evaluate`` in a child process: wall and CPU seconds."""
     argv = [sys.executable, "-m", "detoxrl", "evaluate", str(run / "3-rl"), "--protocol", "rtp",
-            "--generation.min_length", "20", "--n", STAGES[part], "--samples-per-prompt",
+            "--generation.min_length", "20", "--n", n, "--samples-per-prompt",
             str(samples), "--judge", "profanity-check", "--prompts",
             str(run / "0-data" / f"heldout-{part}.jsonl"), "--output", str(out_dir), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1",
@@ -62,11 +69,13 @@ def main(argv=None) -> int:
     sides = {"before": args.before_src, "after": args.after_src}
     runs = {side: [] for side in sides}
     load = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         for r in range(args.rounds):
             for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                stages = {part: run_stage(sides[side], args.run, part, args.samples_per_prompt,
-                                          Path(tmp) / f"{side}-{r}-{part}") for part in STAGES}
+                stages = {part: run_stage(sides[side], args.run, part, getattr(args, part),
+                                          args.samples_per_prompt, Path(tmp) / f"{side}-{r}-{part}")
+                          for part in STAGES}
                 runs[side].append(stages)
                 print(side, json.dumps(stages), flush=True)
     total = {side: {k: sum(s[p][k] for s in rs for p in STAGES) / len(rs)
