@@ -39,6 +39,7 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     warn_about(cfg.reward.model)  # before any model loads
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    result.trainer.accelerator.end_training()  # the program's last run: the process group ends
     metrics = result.metrics
     if metrics and not args.quiet and result.trainer.accelerator.is_main_process:
         last = metrics[-1]

@@ -111,7 +111,9 @@ class DetoxTrainer:
 
         ``resume_from_checkpoint``: True for the newest checkpoint of ``args.output_dir``,
         or the path of a ``checkpoints/step-N`` folder. ``overwrite_output_dir`` removes a
-        previous run's files from ``args.output_dir`` first.
+        previous run's files from ``args.output_dir`` first. The process group of a
+        multi-process launch stays up, so that the program can train or evaluate again; end
+        it with ``trainer.accelerator.end_training()`` when the program is done.
         """
         from ..runs.checkpoint import load_checkpoint, load_latest
 
@@ -146,7 +148,11 @@ class DetoxTrainer:
         history = self._loop(first_step)
         self.save_model()
         self._callback("on_train_end")
-        acc.end_training()
+        # Not acc.end_training(): it also destroys the process group, which a program that
+        # trains or evaluates again on the same processes needs (``detoxrl train`` ends it).
+        for tracker in acc.trackers:
+            tracker.finish()
+        acc.trackers.clear()  # a later train() starts its own
         return history
 
     def _loop(self, first_step: int) -> list[dict]:
