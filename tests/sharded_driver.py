@@ -1,14 +1,19 @@
 """Test-only driver of tests/test_sharded.py: several short runs in one launch of N processes.
 
 ``python tests/sharded_driver.py SPEC.json`` (under ``accelerate launch``) trains every case
-of the spec one after the other in the same processes, so the interpreter, torch and the
-process group start once. Each case is a real ``DetoxTrainer`` run; each rank writes what
-it saw to ``<dump>/<case>.rank<r>.json``:
+of the spec one after the other in the same processes, so that the process group starts
+once. ``python tests/sharded_driver.py --serve PLAN.json`` runs several such launches in
+turn, each as ``accelerate launch`` runs it but with its ranks forked from this process
+(see :func:`launch`), so that torch, transformers and detoxrl are imported once in all.
+Each case is a real ``DetoxTrainer`` run; each rank writes what it saw to
+``<dump>/<case>.rank<r>.json``:
 
 * per step and per sample (keyed by prompt and sample index): the response tokens, the
   score, the advantages, the per-token rewards, the per-token log-ratio to the reference
   (the k1 KL) and the values;
-* the step metrics.
+* the step metrics;
+* what its run folder held before it started (for a resumed run, what the interrupted one
+  left).
 
 A case may also *replay* the responses another run recorded (a one-process run then learns
 from exactly the samples a two-process run drew), or have one rank kill itself with
@@ -17,10 +22,13 @@ SIGKILL in the middle of a step's PPO update.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import sys
+import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,13 +94,24 @@ def _replaying(trainer, recorded: list[dict]):
 
 
 def run_case(case: dict, dump: Path) -> None:
+    """One case; what stopped it goes to ``<dump>/<case>.rank<r>.error`` before it propagates."""
+    try:
+        _run_case(case, dump)
+    except Exception:
+        dump.mkdir(parents=True, exist_ok=True)
+        rank = os.environ.get("RANK", "0")
+        (dump / f"{case['name']}.rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def _run_case(case: dict, dump: Path) -> None:
     from detoxrl.config import load_config
     from detoxrl.rl.detox_trainer import DetoxTrainer
+    from detoxrl.rl.distributed import zero_stage
 
+    found = _found(Path(case["out"]))   # before any rank of this case writes there
     cfg = load_config(CONFIG, [*case["overrides"], "--output_dir", case["out"]])
     trainer = DetoxTrainer(args=cfg, quiet=True)
-    # end_training destroys the process group, which the next case of this launch needs.
-    trainer.accelerator.end_training = lambda: None
     records: list = []
     _recording(trainer, records, case.get("kill"))
     if case.get("replay"):
@@ -102,7 +121,16 @@ def run_case(case: dict, dump: Path) -> None:
     dump.mkdir(parents=True, exist_ok=True)
     (dump / f"{case['name']}.rank{acc.process_index}.json").write_text(json.dumps({
         "world_size": acc.num_processes, "distributed_type": acc.distributed_type.value,
-        "steps": records}))
+        "zero_stage": zero_stage(acc), "found": found, "steps": records}))
+
+
+def _found(out: Path) -> dict:
+    """What a run folder held: files (checkpoints apart), checkpoints, metric lines."""
+    checkpoints, metrics = out / "checkpoints", out / "metrics.jsonl"
+    return {"files": sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                            if p.is_file() and "checkpoints" not in p.relative_to(out).parts),
+            "checkpoints": sorted(p.name for p in checkpoints.glob("*")),
+            "metrics": metrics.read_text().splitlines() if metrics.exists() else []}
 
 
 def merged_records(prefix: Path) -> list[dict]:
@@ -116,6 +144,12 @@ def merged_records(prefix: Path) -> list[dict]:
 
 
 def main(spec_path: str) -> None:
+    """One rank: every case of the spec, in order, then the end of the program."""
+    # A rank forked by ``launch`` inherits the launcher's handlers; a fresh interpreter's
+    # defaults end it even inside a collective when the launcher stops it.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = json.loads(Path(spec_path).read_text())
     for case in spec["cases"]:
         run_case(case, Path(spec["dump"]))
@@ -124,5 +158,54 @@ def main(spec_path: str) -> None:
     PartialState().destroy_process_group()
 
 
+def launch(argv: list[str], env: dict[str, str]) -> int:
+    """``accelerate launch ARGV`` in this process, with ``env`` set, its ranks forked.
+
+    accelerate's own launcher reads the config file and sets the ranks' environment, and
+    torchrun's agent starts and watches them, as ``accelerate launch`` does; the ranks are
+    forked from this process (torchrun's ``--run-path --start-method fork``), which has
+    imported torch, transformers, peft and detoxrl once, instead of each importing them
+    anew. Returns the exit status ``accelerate launch`` would have.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.utils import patch_environment
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    args.run_path, args.start_method = True, "fork"
+    saved = {k: os.environ.pop(k) for k in env if env[k] is None and k in os.environ}
+    try:
+        with patch_environment(**{k: v for k, v in env.items() if v is not None}):
+            launch_command(args)
+    except ChildFailedError as failure:
+        print(failure, file=sys.stderr)
+        return 1
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.environ.update(saved)
+    return 0
+
+
+def serve(plan_path: str) -> None:
+    """Every launch of the plan in turn; their exit statuses and seconds to ``<plan>.out``."""
+    # What every rank imports, imported once before any rank forks.
+    for module in ("accelerate.commands.launch", "peft", "detoxrl.rl.detox_trainer",
+                   "detoxrl.data.prompts", "transformers.models.t5.modeling_t5",
+                   "transformers.models.gpt2.modeling_gpt2",
+                   "transformers.models.roberta.modeling_roberta"):
+        importlib.import_module(module)
+
+    plan, results = json.loads(Path(plan_path).read_text()), {}
+    for name, argv, env in plan:
+        start = time.perf_counter()
+        results[name] = {"returncode": launch(argv, env)}
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        Path(plan_path + ".out").write_text(json.dumps(results))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--serve":
+        serve(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -1,16 +1,22 @@
-"""Two CPU processes against one: DDP and FSDP2 train what a single process trains, and a
-two-process FSDP run killed mid-step resumes bit-identically. ZeRO-3 in two processes is
-not possible on the CPU (see the skip below and docs/scaling.md).
+"""Two CPU processes against one: DDP, FSDP2, ZeRO-2 and ZeRO-3 train what a single process
+trains, and a two-process FSDP run with a rank killed mid-step resumes bit-identically.
 
-Every launch runs ``tests/sharded_driver.py`` (real ``DetoxTrainer`` runs, several per
-launch so that the processes start once) under ``accelerate launch`` with gloo:
+The two-process runs are real ``DetoxTrainer`` runs of ``tests/sharded_driver.py``, launched
+by accelerate's own launcher from the config files with gloo, several runs per launch so
+that each process group starts once. One helper process imports the stack once and runs
+these launches in turn, each rank forked from it (torchrun's ``--run-path --start-method
+fork``; see ``sharded_driver.launch``):
 
-* DDP, 2 processes: the tiny T5 and the tiny GPT-2, each with PPO and GRPO, 2 steps;
-* FSDP2 (``configs/accelerate/fsdp.yaml``), 2 processes: the same four runs, then a fifth,
-  the T5 PPO run again with a checkpoint per step, in which rank 1 kills itself (SIGKILL)
-  after the first optimizer step of step 2; then a launch that resumes it;
-* 1 process (in the test process): the same four runs, each replaying the responses the
-  DDP run sampled, so that both learn from the same samples.
+* DDP: the tiny T5 and the tiny GPT-2, each with PPO and GRPO, 2 steps;
+* FSDP2 (``configs/accelerate/fsdp.yaml``): the same four runs, then a fifth, the T5 PPO run
+  again with a checkpoint per step, in which rank 1 kills itself (SIGKILL) after the first
+  optimizer step of step 2;
+* ZeRO-3 (``deepspeed-zero3.yaml``): the GPT-2 runs, then the T5, which must be refused;
+* ZeRO-2 (``deepspeed-zero2.yaml``): the four runs.
+
+A normal ``accelerate launch`` of two fresh processes then resumes the killed run. The
+one-process references run in the test process: the same four runs, each replaying
+the responses the DDP run sampled, so that both learn from the same samples.
 
 For 2 to equal 1 up to float rounding, every sample must weigh the same however the batch
 is split: responses have a fixed length (EOS blocked throughout, so each micro-batch's
@@ -65,20 +71,38 @@ CASES = [f"{m}-{a}" for m in MODELS for a in ALGORITHMS]
 # detoxrl refuses (docs/scaling.md): ZeRO-3 trains the GPT-2 only, and must refuse the T5.
 ZERO3_CASES = [c for c in CASES if c.startswith("gpt2")]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+NEEDS_DEEPSPEED = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
 BACKENDS = [("ddp", c) for c in CASES] + [("fsdp", c) for c in CASES] + [
-    pytest.param("zero3", c, marks=pytest.mark.skipif(not HAS_DEEPSPEED,
-                                                      reason="deepspeed is not installed"))
-    for c in ZERO3_CASES]
+    pytest.param("zero3", c, marks=NEEDS_DEEPSPEED) for c in ZERO3_CASES] + [
+    pytest.param("zero2", c, marks=NEEDS_DEEPSPEED) for c in CASES]
+CONFIGS = {"fsdp": "fsdp.yaml", "zero3": "deepspeed-zero3.yaml",
+           "zero2": "deepspeed-zero2.yaml"}
 KILLED = "t5-ppo-killed"
+RESUMED = f"fsdp-{KILLED}-resumed"
+# The killed run and the uninterrupted one it must end equal to (the FSDP T5 PPO case).
+KILL_OPTIONS = ["--save_every=1"]
 # fp32 on the CPU; the two runs differ only in the order of float sums (all-reduce,
 # reduce-scatter, batch composition of each forward), a few ulp per op.
 ATOL = 1e-5
-LAUNCH_TIMEOUT = 420
+TIMEOUT = 600   # per launch, for a hang only (one took 321 s on a starved CPU core)
 
 
 def _overrides(case: str) -> list[str]:
     model, algorithm = case.split("-")[:2]
     return [*COMMON, f"--model.name_or_path=tiny:{model}", *ALGORITHMS[algorithm]]
+
+
+def _launch_args(backend: str) -> list[str]:
+    config = (["--config_file", str(ROOT / "configs" / "accelerate" / CONFIGS[backend])]
+              if backend in CONFIGS else ["--multi_gpu"])
+    return [*config, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+def _launch_env(backend: str) -> dict[str, str | None]:
+    if backend.startswith("zero"):   # accelerate drops a DeepSpeed config under ACCELERATE_USE_CPU
+        return {"ACCELERATE_USE_CPU": None, "DS_ACCELERATOR": "cpu"}
+    return {"ACCELERATE_USE_CPU": "true"}
 
 
 class Launcher:
@@ -89,35 +113,46 @@ class Launcher:
                and not k.startswith(("ACCELERATE_", "FSDP_"))}
         env.update({"DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
                     "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                    "ACCELERATE_USE_CPU": "true",
                     "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])})
         self.env = env
-        self.seconds: dict[str, float] = {}   # per launch, reported by the last test
+        self.status: dict[str, dict] = {}   # per launch: returncode, seconds
 
     def case(self, backend: str, case: str, **extra) -> dict:
         overrides = _overrides(case) + extra.pop("overrides", [])
         return {"name": f"{backend}-{case}", "out": str(self.root / backend / case),
                 "overrides": overrides, **extra}
 
-    def launch(self, name: str, backend: str, cases: list[dict]) -> subprocess.CompletedProcess:
+    def run_plan(self, launches: list[tuple[str, list[dict]]]) -> None:
+        """Every launch in turn, in one helper process (``sharded_driver.py --serve``)."""
+        plan = []
+        for backend, cases in launches:
+            spec = self.root / f"{backend}.json"
+            spec.write_text(json.dumps({"dump": str(self.dump), "cases": cases}))
+            driver = str(Path(__file__).parent / "sharded_driver.py")
+            plan.append([backend, [*_launch_args(backend), driver, str(spec)],
+                         _launch_env(backend)])
+        path = self.root / "plan.json"
+        path.write_text(json.dumps(plan))
+        self.served = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "sharded_driver.py"), "--serve",
+             str(path)], cwd=ROOT, env=self.env, capture_output=True, text=True,
+            timeout=TIMEOUT * len(plan))
+        out = Path(f"{path}.out")
+        assert self.served.returncode == 0 and out.exists(), _why(self.served.stderr)
+        self.status = json.loads(out.read_text())
+
+    def launch_fresh(self, name: str, backend: str, cases: list[dict]) -> None:
+        """One launch by ``accelerate launch``, its ranks fresh interpreters."""
         spec = self.root / f"{name}.json"
         spec.write_text(json.dumps({"dump": str(self.dump), "cases": cases}))
-        configs = {"fsdp": "fsdp.yaml", "zero3": "deepspeed-zero3.yaml"}
-        config = (["--config_file", str(ROOT / "configs" / "accelerate" / configs[backend])]
-                  if backend in configs else ["--multi_gpu"])
-        env = dict(self.env)
-        if backend == "zero3":  # accelerate drops a DeepSpeed config under ACCELERATE_USE_CPU
-            env.pop("ACCELERATE_USE_CPU")
-            env["DS_ACCELERATOR"] = "cpu"
+        env = {k: v for k, v in {**self.env, **_launch_env(backend)}.items() if v is not None}
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *config,
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(Path(__file__).parent / "sharded_driver.py"), str(spec)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT)
-        self.seconds[name] = round(time.perf_counter() - start, 1)
-        return proc
+        self.fresh = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", *_launch_args(backend),
+             str(Path(__file__).parent / "sharded_driver.py"), str(spec)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        self.status[name] = {"returncode": self.fresh.returncode,
+                             "seconds": round(time.perf_counter() - start, 1)}
 
     def records(self, name: str) -> list[dict]:
         return merged_records(self.dump / name)
@@ -125,32 +160,33 @@ class Launcher:
     def info(self, name: str, rank: int = 0) -> dict:
         return json.loads((self.dump / f"{name}.rank{rank}.json").read_text())
 
+    def error(self, name: str) -> str:
+        """What stopped a case, from each rank that recorded it."""
+        return "\n".join(p.read_text() for p in sorted(self.dump.glob(f"{name}.rank*.error")))
 
-def _why(proc: subprocess.CompletedProcess) -> str:
-    start = proc.stderr.find("Traceback")
-    return proc.stderr[start:start + 6000] if start >= 0 else proc.stderr[-6000:]
+
+def _why(stderr: str) -> str:
+    start = stderr.find("Traceback")
+    return stderr[start:start + 6000] if start >= 0 else stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("sharded"))
-    ddp = launcher.launch("ddp", "ddp", [launcher.case("ddp", c) for c in CASES])
-    assert ddp.returncode == 0, _why(ddp)
-    fsdp_cases = [launcher.case("fsdp", c, overrides=["--save_every=1"] if c == "t5-ppo" else [])
-                  for c in CASES]
-    killed = launcher.case("fsdp", "t5-ppo", overrides=["--save_every=1"], kill={
-        "rank": 1, "step": 1})
+    fsdp = [launcher.case("fsdp", c, overrides=KILL_OPTIONS if c == "t5-ppo" else [])
+            for c in CASES]
+    killed = launcher.case("fsdp", "t5-ppo", overrides=KILL_OPTIONS, kill={"rank": 1, "step": 1})
     killed.update(name=f"fsdp-{KILLED}", out=str(launcher.root / "fsdp" / KILLED))
-    launcher.killed = launcher.launch("fsdp", "fsdp", [*fsdp_cases, killed])
-    left = Path(killed["out"])
-    launcher.left_by_kill = sorted(p.relative_to(left).as_posix() for p in left.rglob("*")
-                                   if p.is_file() and "checkpoints" not in p.parts)
-    launcher.checkpoints_left = sorted(p.name for p in (left / "checkpoints").iterdir())
-    launcher.resumed = launcher.launch("resume", "fsdp", [{**killed, "kill": None,
-                                                            "resume": True}])
+    plan = [("ddp", [launcher.case("ddp", c) for c in CASES]), ("fsdp", [*fsdp, killed])]
     if HAS_DEEPSPEED:
-        launcher.zero3 = launcher.launch("zero3", "zero3", [
-            launcher.case("zero3", c) for c in ZERO3_CASES] + [launcher.case("zero3", "t5-ppo")])
+        plan += [("zero3", [launcher.case("zero3", c) for c in ZERO3_CASES]
+                  + [launcher.case("zero3", "t5-ppo")]),
+                 ("zero2", [launcher.case("zero2", c) for c in CASES])]
+    launcher.run_plan(plan)
+    # Resumed in ranks forked from the helper after the killed launch, step 2 came out 1e-8
+    # off the uninterrupted run; in fresh processes it is bit-identical, as a user's is.
+    launcher.launch_fresh("resume", "fsdp", [{**killed, "name": RESUMED, "kill": None,
+                                              "resume": True}])
     # One process: the same runs, learning from the samples the DDP run drew.
     cache = os.environ.get("DETOXRL_CACHE")
     os.environ["DETOXRL_CACHE"] = str(launcher.root / "cache")   # the same tiny models
@@ -163,7 +199,7 @@ def runs(tmp_path_factory):
             os.environ.pop("DETOXRL_CACHE")
         else:
             os.environ["DETOXRL_CACHE"] = cache
-    print("seconds per launch:", launcher.seconds)   # shown with pytest -s
+    print("per launch:", launcher.status)   # shown with pytest -s
     return launcher
 
 
@@ -197,12 +233,13 @@ def _assert_close_samples(ours: list[dict], theirs: list[dict], what: str) -> No
 @pytest.mark.parametrize(("backend", "case"), BACKENDS)
 def test_two_processes_train_what_one_trains(runs, backend, case):
     if not (runs.dump / f"{backend}-{case}.rank1.json").exists():
-        proc = {"fsdp": runs.killed, "zero3": getattr(runs, "zero3", None)}[backend]
-        pytest.fail(f"the {backend} launch stopped before {case}:\n{_why(proc)}")
+        why = runs.error(f"{backend}-{case}") or _why(runs.served.stderr)
+        pytest.fail(f"the {backend} launch stopped before {case} ended:\n{why}")
     info = runs.info(f"{backend}-{case}", rank=1)
     assert info["world_size"] == 2
-    assert info["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP",
-                                        "zero3": "DEEPSPEED"}[backend]
+    assert (info["distributed_type"], info["zero_stage"]) == {
+        "ddp": ("MULTI_CPU", 0), "fsdp": ("FSDP", 0), "zero3": ("DEEPSPEED", 3),
+        "zero2": ("DEEPSPEED", 2)}[backend]
     two, one = runs.records(f"{backend}-{case}"), runs.records(f"single-{case}")
     _assert_close_samples(two, one, f"{backend} vs 1 process, {case}")
     # Both ranks' samples made the statistics: 4 prompts (x2 for GRPO) per step.
@@ -216,26 +253,34 @@ def test_two_processes_train_what_one_trains(runs, backend, case):
         assert diff <= ATOL, f"{backend} vs 1 process, {case}: {name} differs by {diff:.2e}"
 
 
+def test_a_program_trains_again_on_the_same_processes(runs):
+    # Each launch trained its runs one after another in the same two processes: the end of
+    # a run leaves the process group up for the next (``detoxrl train`` ends it on exit).
+    assert runs.status["ddp"]["returncode"] == 0
+    assert all((runs.dump / f"ddp-{c}.rank{r}.json").exists() for c in CASES for r in (0, 1))
+
+
+@NEEDS_DEEPSPEED
 def test_zero3_refuses_the_t5_in_two_processes(runs):
-    if not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
-    assert runs.zero3.returncode != 0          # the T5 came last, after the GPT-2 runs
-    assert "lm_head tied to the embeddings" in runs.zero3.stderr
+    assert runs.status["zero3"]["returncode"] != 0   # the T5 came last, after the GPT-2 runs
+    assert "lm_head tied to the embeddings" in runs.error("zero3-t5-ppo")
     assert not (runs.root / "zero3" / "t5-ppo" / "adapter_model.safetensors").exists()
 
 
 def test_a_rank_killed_mid_step_resumes_bit_identically(runs):
     killed, uninterrupted = runs.root / "fsdp" / KILLED, runs.root / "fsdp" / "t5-ppo"
-    assert runs.killed.returncode != 0
-    assert runs.checkpoints_left == ["step-1"]
-    assert "adapter_model.safetensors" not in runs.left_by_kill   # it never finished
-    assert "metrics.jsonl" in runs.left_by_kill
-    assert runs.resumed.returncode == 0, _why(runs.resumed)
+    assert runs.status["fsdp"]["returncode"] != 0
+    # Rank 1 died from the kill, not from an error (rank 0 may fail on the lost connection).
+    assert not (runs.dump / f"fsdp-{KILLED}.rank1.error").exists()
+    assert runs.status["resume"]["returncode"] == 0, _why(runs.fresh.stderr)
+    left = runs.info(RESUMED)["found"]   # what the killed launch left
+    assert left["checkpoints"] == ["step-1"] and len(left["metrics"]) == 1
+    assert "adapter_model.safetensors" not in left["files"]   # it never finished
     a, b = _weights(killed), _weights(uninterrupted)
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    resumed = runs.records(f"fsdp-{KILLED}")   # the resumed launch ran step 2 only
+    resumed = runs.records(RESUMED)   # the resumed launch ran step 2 only
     assert len(resumed) == 1
     assert resumed[0] == runs.records("fsdp-t5-ppo")[1] | {"metrics": resumed[0]["metrics"]}
 
