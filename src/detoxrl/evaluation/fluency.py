@@ -27,6 +27,7 @@ prompt does not help predict the response.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,23 +137,49 @@ def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[i
         contexts = [c[-limit:] for c in contexts]
         q, qm = _pad_right(contexts, pad)
         t, tm = _pad_right([x[:limit] for x in targets], pad)
-        labels = torch.where(tm.bool(), t, -100)
+        # The decoder reads the targets shifted right, as with ``labels=``, but without the
+        # loss the model would compute from them (a second pass over every logit).
+        labels = torch.where(tm.bool(), t, -100).to(device)
+        shift = getattr(fm.model, "prepare_decoder_input_ids_from_labels", None)
+        target = ({"decoder_input_ids": shift(labels=labels)} if shift is not None
+                  else {"labels": labels})
         logits = fm.model(input_ids=q.to(device), attention_mask=qm.to(device),
-                          labels=labels.to(device)).logits.float()         # (B, T, V)
+                          **target).logits.float()                          # (B, T, V)
         mask = tm
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, t.to(device).unsqueeze(-1))
     else:
         rows = [(c + x)[-limit:] for c, x in zip(contexts, targets, strict=True)]
         ids, am = _pad_right(rows, pad)
         n_target = [min(len(x), len(r) - 1) for x, r in zip(targets, rows, strict=True)]
-        logits = fm.model(input_ids=ids.to(device), attention_mask=am.to(device)
-                          ).logits.float()[:, :-1]                         # (B, L-1, V)
         t = ids[:, 1:]
         mask = torch.zeros_like(t)
         for i, (row, n) in enumerate(zip(rows, n_target, strict=True)):
             mask[i, len(row) - 1 - n:len(row) - 1] = 1
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, t.to(device).unsqueeze(-1))
+        logp = _causal_target_logprobs(fm.model, ids.to(device), am.to(device),
+                                       t.to(device), mask)                # (B, L-1, 1)
     nll = -(logp.squeeze(-1).cpu() * mask).sum(1)
     return nll.double().numpy(), mask.sum(1).double().numpy()
+
+
+def _causal_target_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor,
+                            t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L-1, 1)`` log p(t) at every position of ``mask`` (0 elsewhere).
+
+    The logits, the bulk of a small LM's work, are computed only from the first column any
+    row scores (``logits_to_keep`` as positions) rather than over the prompts as well;
+    each kept position's log-prob is the one the full pass gives.
+    """
+    columns = mask.any(0).nonzero().squeeze(1)                                # (K,)
+    first = int(columns[0]) if columns.numel() else 0
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        first = 0
+    keep = {} if first == 0 else {"logits_to_keep": torch.arange(first, mask.shape[1],
+                                                                 device=ids.device)}
+    logits = model(input_ids=ids, attention_mask=attention_mask, **keep).logits.float()
+    logits = logits[:, :mask.shape[1] - first]                                # (B, L-1-f, V)
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, t[:, first:].unsqueeze(-1))
+    return torch.cat([picked.new_zeros(t.shape[0], first, 1), picked], 1)
 
 
 def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
