@@ -152,3 +152,30 @@ def test_from_config_and_load_errors(tiny_classifier_path, tmp_path):
     missing = tmp_path / "no-such-classifier"
     with pytest.raises(ModelLoadError, match=r"no-such-classifier.*local folder"):
         ClassifierReward(str(missing), device="cpu")
+
+
+def test_toxicity_and_reward_of_the_same_texts_share_one_classifier_pass(tiny_classifier_path):
+    from detoxrl.evaluation.sampling import Generations
+    from detoxrl.evaluation.scoring import score_generations, scoring_jobs
+
+    reward = ClassifierReward(str(tiny_classifier_path), batch_size=2, device="cpu")
+    reward.toxic_label = "hate"
+    passes = []
+    hook = reward.model.register_forward_hook(lambda *_: passes.append(1))
+    gen = Generations(["a", "b"], PROMPTS[:2], [[], []], RESPONSES[:2], RESPONSES[2:])
+    try:
+        scores = score_generations(gen, scoring_jobs(reward, [], "response"), progress=False)
+        assert len(passes) == 2  # 4 distinct texts in batches of 2, scored once for both jobs
+    finally:
+        hook.remove()
+    fresh = ClassifierReward(str(tiny_classifier_path), batch_size=2, device="cpu")
+    fresh.toxic_label = "hate"
+    assert scores["toxicity_before"] + scores["toxicity_after"] == fresh.toxicity(
+        RESPONSES).tolist()
+    assert scores["reward_before"] + scores["reward_after"] == fresh(PROMPTS, RESPONSES).tolist()
+    # The kept result is handed out as a copy, and other texts are scored anew.
+    first = reward(PROMPTS, RESPONSES)
+    first -= 100.0
+    assert reward(PROMPTS, RESPONSES).tolist() == fresh(PROMPTS, RESPONSES).tolist()
+    assert reward(PROMPTS[:1], RESPONSES[:1]).tolist() == fresh(PROMPTS[:1],
+                                                                RESPONSES[:1]).tolist()

@@ -54,21 +54,22 @@ def score_generations(gen: Generations, jobs: dict[str, ScoreFn], progress: bool
 
     queries = gen.sample_queries
     n = len(queries)
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[float]] = {f"{name}_{side}": [] for name in jobs
+                                      for side in ("before", "after")}
     with tqdm(total=2 * n * len(jobs), desc="scoring", unit="text",
               disable=not progress) as bar:
-        for name, fn in jobs.items():
-            before: list[float] = []
-            after: list[float] = []
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                q = queries[start:stop]
-                values = np.asarray(fn(q + q, gen.before[start:stop] + gen.after[start:stop]),
-                                    dtype=np.float64).reshape(-1)
-                before += values[:stop - start].tolist()
-                after += values[stop - start:].tolist()
+        # Chunk by chunk, every job on the same texts in turn: jobs that read the same
+        # classifier on the same texts (toxicity and the reward) then share its pass
+        # (ClassifierReward.logits keeps its last call's result).
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            q = queries[start:stop]
+            texts = gen.before[start:stop] + gen.after[start:stop]
+            for name, fn in jobs.items():
+                values = np.asarray(fn(q + q, texts), dtype=np.float64).reshape(-1)
+                scores[f"{name}_before"] += values[:stop - start].tolist()
+                scores[f"{name}_after"] += values[stop - start:].tolist()
                 bar.update(2 * (stop - start))
-            scores[f"{name}_before"], scores[f"{name}_after"] = before, after
     return scores
 
 

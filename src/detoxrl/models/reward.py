@@ -79,6 +79,7 @@ class ClassifierReward:
         self.model.to(self.device).eval().requires_grad_(False)
         self.max_length = _resolve_max_length(max_length, self.tokenizer, self.model.config)
         self.label_index(label)  # fail now, not at the first PPO step
+        self._last_call: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, device: Any = None) -> ClassifierReward:
@@ -125,6 +126,16 @@ class ClassifierReward:
         """All label logits, ``(N, num_labels)`` float32 on CPU, in the order of ``texts``;
         equal texts get bit-identical rows."""
         texts = list(texts)
+        # The evaluation scores the same texts for toxicity and for the reward in turn: the
+        # second call reuses the first's pass (equal texts, so equal batches and bits).
+        key = (texts, self.batch_size, self.max_length, self.device)
+        if self._last_call is not None and self._last_call[0] == key:
+            return self._last_call[1].clone()
+        out = self._logits(texts)
+        self._last_call = (key, out.clone())
+        return out
+
+    def _logits(self, texts: list[str]) -> Tensor:
         # Each distinct text is scored once. Padding and batch shape change the last bits of
         # a score, so a text scored twice in different batches could differ from itself:
         # an unchanged response would then show a (tiny) before/after difference.
