@@ -138,28 +138,9 @@ def write(args, result: dict, meta: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
+    from ppo_report import run_shapes
 
-    from ppo_models import data_file
-    from ppo_report import machine_info, versions
-
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is visible.", file=sys.stderr)
-        return 2
-    data_path, data_source = data_file(args.data)
-    load = os.getloadavg()
-    command = ("python bench/decode_compile.py "
-               + " ".join(argv if argv is not None else sys.argv[1:]))
-    for shape in args.shape:
-        result = run_shape(args, shape, data_path)
-        meta = {"command": command, "config": {k: str(v) for k, v in vars(args).items()},
-                "data": data_source, "machine": machine_info(torch, load),
-                "versions": versions()}
-        print(write(args, result, meta).with_suffix(".md").read_text())
-    return 0
+    return run_shapes("decode_compile.py", parse_args(argv), argv, run_shape, write)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,32 @@ def machine_info(torch, load_before) -> dict:
     return info
 
 
+def run_shapes(script: str, args, argv, run_shape, write) -> int:
+    """The main loop of a per-shape bench script (``sampling.py``, ``decode_compile.py``):
+    threads and device checked, then ``write(args, run_shape(args, shape, data), meta)`` for
+    each ``--shape``, with the command, machine and versions in ``meta``; prints each
+    Markdown table. Returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from ppo_models import data_file
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible.", file=sys.stderr)
+        return 2
+    data_path, data_source = data_file(args.data)
+    load = os.getloadavg()
+    command = f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    for shape in args.shape:
+        result = run_shape(args, shape, data_path)
+        meta = {"command": command, "config": {k: str(v) for k, v in vars(args).items()},
+                "data": data_source, "machine": machine_info(torch, load),
+                "versions": versions()}
+        print(write(args, result, meta).with_suffix(".md").read_text())
+    return 0
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
