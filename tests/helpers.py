@@ -6,10 +6,13 @@ import contextlib
 import importlib.util
 import io
 import random
+import shutil
 import socket
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+import torch
 import yaml
 
 from detoxrl.cli import main
@@ -79,3 +82,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Marks of a test that launches real processes: slow, and skipped where `accelerate launch`
+# or a gloo process group cannot run.
+LAUNCH_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not found"),
+    pytest.mark.skipif(not (torch.distributed.is_available()
+                            and torch.distributed.is_gloo_available()),
+                       reason="torch.distributed with gloo is required"),
+]

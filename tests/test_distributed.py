@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import weakref
@@ -42,21 +41,14 @@ from detoxrl.errors import ConfigError
 from detoxrl.rl import distributed as dist
 from detoxrl.rl.kl import AdaptiveKLController
 from detoxrl.rl.learner import Learner
-from helpers import free_port
-
-LAUNCH = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not found"),
-    pytest.mark.skipif(not (torch.distributed.is_available()
-                            and torch.distributed.is_gloo_available()),
-                       reason="torch.distributed with gloo is required"),
-]
+from helpers import LAUNCH_MARKS, free_port
 
 
 def launches(test):
-    for mark in LAUNCH:
+    for mark in LAUNCH_MARKS:
         test = mark(test)
     return test
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"

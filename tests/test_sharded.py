@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -42,16 +41,10 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import free_port  # noqa: E402
+from helpers import LAUNCH_MARKS, free_port  # noqa: E402
 from sharded_driver import merged_records, run_case  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not found"),
-    pytest.mark.skipif(not (torch.distributed.is_available()
-                            and torch.distributed.is_gloo_available()),
-                       reason="torch.distributed with gloo is required"),
-]
+pytestmark = LAUNCH_MARKS
 
 LENGTH = 5   # tokens per response, every response
 COMMON = [
