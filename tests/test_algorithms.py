@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -264,3 +265,55 @@ def test_evaluate_and_report_a_rloo_run(tmp_path):
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["n"] == 8 and math.isfinite(summary["kl"]["mean"])
     assert (out / "report.html").exists()
+
+
+# --------------------------------------------------------------------------- prefix shaping
+
+def test_prefix_shaping_credits_each_token_with_its_change(tmp_path):
+    """Each token's score is the reward of the prefix it ends minus that of the one before
+    (the rollout's own decoding); a row's scores sum to its reward less the empty one's."""
+    from transformers import AutoTokenizer
+
+    from detoxrl.models import tiny
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.resolve("tiny:gpt2"))
+    texts = [" the cat is here today", " no no no", " hello"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    response_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+
+    def vowels(prompts, completions, tag, **_):
+        assert set(tag) == {"column"}  # the prompt's other columns reach every prefix
+        return [float(sum(c in "aeiou" for c in text)) - 0.5 * len(p)
+                for p, text in zip(prompts, completions, strict=True)]
+
+    policy = torch.nn.Module()
+    policy.tokenizer = tokenizer
+    cfg = _cfg(tmp_path, "gpt2", "ppo", "--ppo.batch_size", "3", "--ppo.mini_batch_size", "3",
+               "--ppo.prefix_shaping", "true", "--ppo.score_clip", "3").finalize()
+    learner = Learner(cfg, policy, vowels, Accelerator(cpu=True), optimizer=None)
+    batch = Rollout(query_ids=torch.zeros(3, 1, dtype=torch.long),
+                    query_mask=torch.ones(3, 1, dtype=torch.long), response_ids=response_ids,
+                    response_mask=mask, queries=["a", "bb", "c"],
+                    responses=[tokenizer.decode(row) for row in ids],
+                    ended_with_eos=torch.zeros(3, dtype=torch.bool))
+    scored, raw = learner.score(batch, {"tag": ["column"] * 3})
+    for row, (prompt, row_ids) in enumerate(zip(batch.queries, ids, strict=True)):
+        phi = [min(max(vowels([prompt], [tokenizer.decode(row_ids[:t])], ["column"])[0], -3),
+                   3) for t in range(len(row_ids) + 1)]
+        expected = [phi[t + 1] - phi[t] for t in range(len(row_ids))]
+        assert scored.token_scores[row, :len(row_ids)].tolist() == pytest.approx(expected)
+        assert scored.token_scores[row, len(row_ids):].abs().sum() == 0
+        assert scored.scores[row].item() == pytest.approx(phi[-1])
+    shaped, _ = learner.algorithm.rewards(replace(scored, logprobs=torch.zeros(3, width),
+                                                  ref_logprobs=torch.zeros(3, width)))
+    assert torch.allclose(shaped.rewards.sum(1), scored.scores - torch.tensor(
+        [min(max(-0.5 * len(p), -3), 3) for p in batch.queries]))
+    assert raw.tolist() == pytest.approx([vowels([p], [t], ["column"])[0] for p, t in
+                                          zip(batch.queries, batch.responses, strict=True)])
+
+
+def test_prefix_shaping_needs_per_token_advantages(tmp_path):
+    with pytest.raises(ConfigError, match="prefix_shaping"):
+        _cfg(tmp_path, "gpt2", "rloo", "--ppo.prefix_shaping", "true").finalize()

@@ -20,6 +20,7 @@ from detoxrl.rl.math import (
     masked_whiten,
     penalize_missing_eos,
     policy_loss,
+    prefix_shaped_scores,
     value_loss,
 )
 
@@ -190,6 +191,31 @@ def test_kl_shaped_rewards_matches_loop(gen):
             expected[i][t] = -0.3 * (math.exp(r) - 1 - r)
         expected[i][n - 1] += scores[i].item()
     assert close(rewards, expected, tol=1e-9)
+
+
+def test_prefix_shaped_scores_by_hand():
+    # phi(0..2) of row 0 = 0.5, 0.25, -1 and its whole response scores 2; row 1 has one token
+    prefix = torch.tensor([[0.5, 0.25, -1.0], [3.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    shaped = prefix_shaped_scores(prefix, torch.tensor([2.0, -1.0]), mask)
+    assert close(shaped, [[-0.25, -1.25, 3.0], [-4.0, 0.0, 0.0]])
+    rewards, _ = kl_shaped_rewards(shaped, torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.5)
+    assert close(rewards, shaped)
+
+
+def test_prefix_shaped_scores_matches_loop_and_telescopes(gen):
+    mask, lengths = right_padded(gen)
+    prefix = with_garbage(torch.randn(B, T, generator=gen, dtype=torch.float64), mask)
+    scores = torch.randn(B, generator=gen, dtype=torch.float64)
+    shaped = prefix_shaped_scores(prefix, scores, mask)
+    expected = [[0.0] * T for _ in range(B)]
+    for i, n in enumerate(lengths):
+        phi = [prefix[i, t].item() for t in range(n)] + [scores[i].item()]
+        for t in range(n):
+            expected[i][t] = phi[t + 1] - phi[t]
+    assert close(shaped, expected, tol=1e-9)
+    # The return of every row is the sparse reward's, less phi(empty response).
+    assert close(masked_sum(shaped, mask, dim=1), scores - prefix[:, 0], tol=1e-9)
 
 
 def test_kl_shaped_rewards_rejects_empty_response():

@@ -162,6 +162,11 @@ class PPOConfig:
                                       "[-score_clip, score_clip].")
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of responses that "
                                            "end without EOS.")
+    prefix_shaping: bool = option(False, "ppo: reward each token by how much it changed the "
+                                  "score of the response so far (the reward scores every "
+                                  "prefix; potential-based shaping, Ng et al. 1999): the same "
+                                  "total reward, credited to the tokens that earned it. Costs "
+                                  "one reward call per response token.")
 
     @property
     def has_value_head(self) -> bool:
@@ -258,6 +263,10 @@ class TrainConfig:
                               "prompt: set ppo.num_generations to 2 or more (e.g. 4).")
         if p.beta < 0:
             raise ConfigError(f"ppo.beta must be >= 0, got {p.beta}.")
+        if p.prefix_shaping and p.algorithm != "ppo":
+            raise ConfigError(f"ppo.prefix_shaping needs per-token advantages; ppo.algorithm "
+                              f"{p.algorithm!r} gives one advantage per sample. Use "
+                              "ppo.algorithm ppo, or turn prefix_shaping off.")
         if p.batch_size % world_size:
             # A prompt's K samples are compared with each other, so they stay on one process.
             raise ConfigError(f"ppo.batch_size ({p.batch_size} prompts) must be a multiple of "

@@ -274,7 +274,7 @@ class RewardSet:
         self.last: dict[str, Tensor] = {}
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> Tensor:
-        columns = {k: _repeat_to(v, len(completions), k) for k, v in columns.items()}
+        columns = {k: repeat_to(v, len(completions), k) for k, v in columns.items()}
         called = [_call_reward(f, prompts, completions, columns) for f in self.funcs]
         parts = [scores for scores, _ in called]
         self.last = dict(zip(self.names, parts, strict=True))
@@ -312,7 +312,8 @@ def build_reward_set(reward_funcs: Any, weights: list[float] | None, cfg: Reward
     return RewardSet(funcs, weights)
 
 
-def _repeat_to(values: Any, n: int, name: str) -> list:
+def repeat_to(values: Any, n: int, name: str) -> list:
+    """A column of one value per prompt as one value per completion (K in a row per prompt)."""
     values = list(values)
     if len(values) == n:
         return values

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PER_TOKEN_FIELDS = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values",
-                    "rewards", "advantages", "returns")
+PER_TOKEN_FIELDS = ("response_ids", "response_mask", "token_scores", "logprobs", "ref_logprobs",
+                    "values", "rewards", "advantages", "returns")
 QUERY_FIELDS = ("query_ids", "query_mask", "encoder_hidden")
 
 
@@ -42,6 +42,8 @@ class Rollout:
     eos_blocked: int = 0
     # Filled in by the trainer after generation; None until then.
     scores: Tensor | None = None          # (B,) reward-model score per response
+    # ppo.prefix_shaping: the change each token made to the score, rl.math.prefix_shaped_scores
+    token_scores: Tensor | None = None    # (B, T)
     logprobs: Tensor | None = None        # (B, T) log-probs under the rollout policy
     ref_logprobs: Tensor | None = None    # (B, T) log-probs under the reference policy
     values: Tensor | None = None          # (B, T) value predictions under the rollout policy

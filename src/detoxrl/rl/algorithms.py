@@ -53,8 +53,10 @@ class PPO:
         return self.kl_ctl.value if self.kl_in_reward else 0.0
 
     def rewards(self, batch: Rollout) -> tuple[Rollout, Tensor]:
-        """Step 4: r_t = -coef * KL_t, plus the score at the last token; also KL_t (B, T)."""
-        rewards, kl = rl_math.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs,
+        """Step 4: r_t = -coef * KL_t, plus the score at the last token (or each token's share
+        of it, with ``ppo.prefix_shaping``); also KL_t (B, T)."""
+        scores = batch.scores if batch.token_scores is None else batch.token_scores
+        rewards, kl = rl_math.kl_shaped_rewards(scores, batch.logprobs, batch.ref_logprobs,
                                                 batch.response_mask, self.reward_kl_coef,
                                                 self.p.kl_estimator)
         if self.p.whiten_rewards:

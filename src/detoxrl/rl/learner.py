@@ -26,11 +26,13 @@ from torch import Tensor
 from ..config import TrainConfig
 from ..models.generation import draw_lengths
 from ..models.policy import Policy
+from ..models.reward import repeat_to
 from ..models.rollout import Rollout
 from . import distributed as dist
 from . import math as rl_math
 from .algorithms import make_algorithm
 from .kl import kl_controller
+from .shaping import prefix_scores
 from .sharding import root_gathered
 
 logger = logging.getLogger(__name__)
@@ -124,10 +126,23 @@ class Learner:
             mean, var, count = dist.global_masked_moments(self.accelerator, scores,
                                                           torch.ones_like(scores))
             self.score_moments.update_from_moments(float(mean), float(var), float(count))
+        scores = self._normalize_and_clip(scores)
+        token_scores = None
+        if p.prefix_shaping:
+            per_response = {k: repeat_to(v, len(batch), k)
+                            for k, v in (columns or {}).items()}
+            prefixes = prefix_scores(self.reward_fn, self.policy.tokenizer, batch,
+                                     per_response, self._normalize_and_clip)
+            token_scores = rl_math.prefix_shaped_scores(prefixes, scores, batch.response_mask)
+        return replace(batch, scores=scores, token_scores=token_scores), raw_scores
+
+    def _normalize_and_clip(self, scores: Tensor) -> Tensor:
+        p = self.cfg.ppo
+        if p.normalize_scores:
             scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
         if p.score_clip is not None:
             scores = scores.clamp(-p.score_clip, p.score_clip)
-        return replace(batch, scores=scores), raw_scores
+        return scores
 
     # ------------------------------------------------------------------ 3. old + ref
     @torch.no_grad()

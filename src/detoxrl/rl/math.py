@@ -112,7 +112,8 @@ def _last_index(mask: Tensor) -> Tensor:
 @torch.no_grad()
 def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
                       kl_coef: float, estimator: str = "k1") -> tuple[Tensor, Tensor]:
-    """r_t = -kl_coef * KL_t, plus the score (B,) at each row's last token (Ziegler 2019, eq. 2).
+    """r_t = -kl_coef * KL_t, plus the score (B,) at each row's last token (Ziegler 2019, eq. 2);
+    per-token scores (B, T), as :func:`prefix_shaped_scores` gives, are added where they stand.
 
     Returns ``(rewards, kl)``, both (B, T) and 0 on padding; no gradient.
     """
@@ -120,9 +121,31 @@ def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, ma
     last = _last_index(m)  # (B,)
     kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, estimator), 0)  # (B, T)
     rewards = -kl_coef * kl
+    if scores.dim() == 2:
+        return rewards + torch.where(m, scores.to(rewards.dtype), 0), kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards, kl
+
+
+@torch.no_grad()
+def prefix_shaped_scores(prefix_scores: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+    """Per-token scores s_t = phi(t + 1) - phi(t), with phi(t) the score of the response's first
+    t tokens: potential-based shaping (Ng, Harada and Russell 1999, "Policy invariance under
+    reward transformations"), with gamma = 1.
+
+    ``prefix_scores`` (B, T) holds phi(t) at column t, for t = 0 (the empty response) up to
+    each row's last token; ``scores`` (B,) is phi of the whole response. A row's per-token
+    scores sum to ``scores - prefix_scores[:, 0]``: the sparse reward minus a term that no
+    action changes, so the optimal policy is the same, while each token is credited with the
+    change it made. Returns (B, T), 0 on padding.
+    """
+    m = _as_bool(mask)
+    last = _last_index(m)  # (B,)
+    rows = torch.arange(m.shape[0], device=m.device)
+    after = torch.roll(prefix_scores, -1, dims=1)            # (B, T): phi(t + 1)
+    after[rows, last] = scores.to(after.dtype)
+    return torch.where(m, after - prefix_scores, 0)
 
 
 @torch.no_grad()
