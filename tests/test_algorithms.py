@@ -267,6 +267,57 @@ def test_evaluate_and_report_a_rloo_run(tmp_path):
     assert (out / "report.html").exists()
 
 
+# --------------------------------------------------------------------------- best-of-n target
+
+def test_best_of_n_target_ranks_each_score_among_the_references_samples(tmp_path):
+    """A response's score is (n - 1) log F, F from the reference's own samples of its prompt
+    (adapter off, seeded by the step), scored by the same reward with the prompt's columns."""
+    from detoxrl.rl.assembly import build_learner
+    from detoxrl.rl.distributed import make_accelerator
+
+    def vowels(prompts, completions, tag, **_):
+        assert set(tag) == {"column"}
+        return [float(sum(c in "aeiou" for c in text)) for text in completions]
+
+    cfg = _cfg(tmp_path, "gpt2", "rloo", "--ppo.batch_size", "2", "--ppo.mini_batch_size", "4",
+               "--ppo.best_of_n_target", "4", "--ppo.reference_samples", "3")
+    learner = build_learner(cfg, make_accelerator(cfg), reward_fn=vowels)
+    tokenizer = learner.policy.tokenizer
+    tokenizer.padding_side = learner.policy.padding_side
+    queries = ["Hello there, how", "The cat sat"]
+    enc = tokenizer(queries, return_tensors="pt", padding=True)
+    batch = learner.rollout(enc.input_ids, enc.attention_mask, queries, step_seed=5)
+    scored, raw = learner.score(batch, {"tag": ["column"] * 2}, step_seed=5)
+
+    reference = learner.reference_rollout(batch, 5)
+    assert reference.queries == [queries[0]] * 3 + [queries[1]] * 3
+    ref_scores = vowels(reference.queries, reference.responses, ["column"] * 6)
+    assert raw.tolist() == vowels(batch.queries, batch.responses, ["column"] * 4)
+    for row, r in enumerate(raw.tolist()):
+        prompt_refs = ref_scores[3 * (row // 2): 3 * (row // 2) + 3]   # 2 samples per prompt
+        share = (sum(x <= r for x in prompt_refs) + 0.5) / 4
+        assert scored.scores[row].item() == pytest.approx(3 * math.log(share))
+
+    # The reference's samples do not move with the adapter; the policy's do.
+    with torch.no_grad():
+        for name, param in learner.policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param))
+    assert learner.reference_rollout(batch, 5).responses == reference.responses
+    assert learner.rollout(enc.input_ids, enc.attention_mask, queries,
+                           step_seed=5).responses != batch.responses
+
+
+def test_best_of_n_target_refuses_what_would_rescale_the_score(tmp_path):
+    with pytest.raises(ConfigError, match="grpo normalises"):
+        _cfg(tmp_path, "gpt2", "grpo", "--ppo.best_of_n_target", "4").finalize()
+    with pytest.raises(ConfigError, match=r"turn off ppo\.normalize_scores, ppo\.score_clip"):
+        _cfg(tmp_path, "gpt2", "ppo", "--ppo.best_of_n_target", "4", "--ppo.normalize_scores",
+             "true", "--ppo.score_clip", "1").finalize()
+    with pytest.raises(ConfigError, match="best_of_n_target"):
+        _cfg(tmp_path, "gpt2", "ppo", "--ppo.best_of_n_target", "1").finalize()
+
+
 # --------------------------------------------------------------------------- prefix shaping
 
 def test_prefix_shaping_credits_each_token_with_its_change(tmp_path):

@@ -12,6 +12,7 @@ from detoxrl.models.generation import block_token, entropy_from_logits
 from detoxrl.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from detoxrl.rl.math import (
     RunningMoments,
+    best_of_n_scores,
     gae_advantages,
     kl_shaped_rewards,
     masked_mean,
@@ -216,6 +217,35 @@ def test_prefix_shaped_scores_matches_loop_and_telescopes(gen):
     assert close(shaped, expected, tol=1e-9)
     # The return of every row is the sparse reward's, less phi(empty response).
     assert close(masked_sum(shaped, mask, dim=1), scores - prefix[:, 0], tol=1e-9)
+
+
+def test_best_of_n_scores_by_hand():
+    # Reference scores 1, 2, 3: a score of 0 beats none, 2 ties one and beats one, 5 all.
+    reference = torch.tensor([[1.0, 2.0, 3.0]] * 3)
+    got = best_of_n_scores(torch.tensor([0.0, 2.0, 5.0]), reference, 4)
+    assert close(got, [3 * math.log(0.5 / 4), 3 * math.log(2.5 / 4), 3 * math.log(3.5 / 4)])
+
+
+def test_best_of_n_scores_matches_loop(gen):
+    scores = torch.randn(B, generator=gen)
+    reference = torch.randn(B, 5, generator=gen)
+    reference[0, 2] = scores[0]  # a tie counts as "at most as high"
+    expected = [(8 - 1) * math.log((sum(r <= s for r in row) + 0.5) / 6)
+                for s, row in zip(scores.tolist(), reference.tolist(), strict=True)]
+    assert close(best_of_n_scores(scores, reference, 8), expected, tol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 4, 16])
+def test_best_of_n_scores_tilt_the_reference_into_its_best_of_n(n, gen):
+    """pi_ref * exp(score), the optimum of KL-regularised RL at beta = 1, is the reference's
+    best-of-n distribution: checked exactly on 2,000 equally likely outcomes."""
+    m = 2000
+    rewards = torch.randperm(m, generator=gen).to(torch.float64)
+    scores = best_of_n_scores(rewards, rewards.expand(m, m), n).to(torch.float64)
+    tilted = torch.softmax(scores, 0)                    # pi_ref uniform: exp(score), normed
+    rank = rewards + 1                                   # 1 .. m, the outcome's place
+    best_of_n = (rank / m) ** n - ((rank - 1) / m) ** n  # P(max of n draws is this outcome)
+    assert 0.5 * (tilted - best_of_n).abs().sum() < 0.01
 
 
 def test_kl_shaped_rewards_rejects_empty_response():

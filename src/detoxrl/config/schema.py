@@ -167,6 +167,15 @@ class PPOConfig:
                                   "prefix; potential-based shaping, Ng et al. 1999): the same "
                                   "total reward, credited to the tokens that earned it. Costs "
                                   "one reward call per response token.")
+    best_of_n_target: int | None = option(None, "ppo, rloo: aim at the reference's best-of-N. "
+                                          "Each score becomes (N - 1) * log F, F the share of "
+                                          "the reference's samples for the same prompt that "
+                                          "score at most as high; with a fixed KL coefficient "
+                                          "of 1 the KL-regularised optimum is best-of-N (BOND, "
+                                          "Sessa et al. 2024). Costs reference_samples extra "
+                                          "samples and reward calls per response.")
+    reference_samples: int = option(4, "With best_of_n_target: samples of the reference per "
+                                    "response from which F is estimated.")
 
     @property
     def has_value_head(self) -> bool:
@@ -263,10 +272,7 @@ class TrainConfig:
                               "prompt: set ppo.num_generations to 2 or more (e.g. 4).")
         if p.beta < 0:
             raise ConfigError(f"ppo.beta must be >= 0, got {p.beta}.")
-        if p.prefix_shaping and p.algorithm != "ppo":
-            raise ConfigError(f"ppo.prefix_shaping needs per-token advantages; ppo.algorithm "
-                              f"{p.algorithm!r} gives one advantage per sample. Use "
-                              "ppo.algorithm ppo, or turn prefix_shaping off.")
+        _check_score_options(p)
         if p.batch_size % world_size:
             # A prompt's K samples are compared with each other, so they stay on one process.
             raise ConfigError(f"ppo.batch_size ({p.batch_size} prompts) must be a multiple of "
@@ -291,3 +297,23 @@ def _micro_batch_size(p: PPOConfig, device_type: str) -> int:
     if device_type != "cpu":
         return local
     return max(d for d in range(1, CPU_MICRO_BATCH + 1) if local % d == 0)
+
+
+def _check_score_options(p: PPOConfig) -> None:
+    """The options that change what the score means, against the algorithm and each other."""
+    if p.prefix_shaping and p.algorithm != "ppo":
+        raise ConfigError(f"ppo.prefix_shaping needs per-token advantages; ppo.algorithm "
+                          f"{p.algorithm!r} gives one advantage per sample. Use "
+                          "ppo.algorithm ppo, or turn prefix_shaping off.")
+    if p.best_of_n_target is None:
+        return
+    # best_of_n_target fixes the score's scale and meaning, so nothing may rescale it.
+    if p.algorithm == "grpo":
+        raise ConfigError("ppo.best_of_n_target needs the score's scale, and grpo normalises "
+                          "scores within each prompt's group. Use ppo.algorithm ppo or rloo.")
+    clashes = [name for name, on in (("normalize_scores", p.normalize_scores),
+                                     ("score_clip", p.score_clip is not None),
+                                     ("prefix_shaping", p.prefix_shaping)) if on]
+    if clashes:
+        raise ConfigError(f"ppo.best_of_n_target sets the score itself; turn off "
+                          f"{', '.join('ppo.' + c for c in clashes)}.")

@@ -35,7 +35,7 @@ RANGES = {
     "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.max_grad_norm": "> 0",
     "ppo.init_kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": ">= 1",
     "ppo.score_clip": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.beta": ">= 0",
-    "ppo.num_generations": ">= 1",
+    "ppo.num_generations": ">= 1", "ppo.best_of_n_target": ">= 2", "ppo.reference_samples": ">= 1",
     "steps": ">= 1", "seed": f"[0, {SEED_MAX}]", "save_every": ">= 0",
     "num_samples_logged": ">= 0", "max_skipped_steps": ">= 0",
     "eval_every": ">= 0", "validation.num_prompts": ">= 1",

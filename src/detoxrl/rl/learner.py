@@ -69,7 +69,7 @@ class Learner:
         with timer("rollout"):                                   # 1. rollout
             batch = self.rollout(query_ids, query_mask, queries, step_seed)
         with timer("score"):                                     # 2. score
-            batch, raw_scores = self.score(batch, columns)
+            batch, raw_scores = self.score(batch, columns, step_seed)
         with timer("forward"):                                   # 3. old/ref log-probs, values
             batch = self.forward_old_and_ref(batch)
         if not dist.all_finite(self.accelerator, *[t for t in (
@@ -89,39 +89,54 @@ class Learner:
     # ------------------------------------------------------------------ 1. rollout
     @torch.no_grad()
     def rollout(self, query_ids, query_mask, queries, step_seed: int) -> Rollout:
-        g = self.cfg.generation
         # Sampling depends only on (run seed, step, rank): a resumed run draws the same.
-        torch.manual_seed(step_seed)
-        gen = torch.Generator().manual_seed(step_seed)
-        limits = draw_lengths(len(queries), g.min_new_tokens_draw, g.max_new_tokens_draw, gen)
-        device = self.accelerator.device
-        # ZeRO-3 and FSDP shard the weights: every forward is a collective, so a rank whose
-        # responses end early must keep stepping until all ranks are done (synced_gpus).
         # K samples per prompt (rloo, grpo) in consecutive rows, all on this process.
         p = self.cfg.ppo
+        return self._sample(query_ids, query_mask, queries, step_seed, p.num_generations,
+                            with_logprobs=p.logprobs_from_rollout,
+                            with_values=p.logprobs_from_rollout and p.has_value_head)
+
+    def _sample(self, query_ids, query_mask, queries, seed: int, k: int,
+                with_logprobs: bool = False, with_values: bool = False) -> Rollout:
+        g = self.cfg.generation
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        limits = draw_lengths(len(queries), g.min_new_tokens_draw, g.max_new_tokens_draw, gen)
+        # ZeRO-3 and FSDP shard the weights: every forward is a collective, so a rank whose
+        # responses end early must keep stepping until all ranks are done (synced_gpus).
         with root_gathered(self.accelerator, self.policy):  # FSDP: generate skips forward()
             return self.policy.generate(
-                query_ids.to(device), query_mask.to(device), g, limits, queries,
-                synced_gpus=dist.shards_parameters(self.accelerator),
-                num_return_sequences=p.num_generations, with_logprobs=p.logprobs_from_rollout,
-                with_values=p.logprobs_from_rollout and p.has_value_head)
+                query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device),
+                g, limits, queries, synced_gpus=dist.shards_parameters(self.accelerator),
+                num_return_sequences=k, with_logprobs=with_logprobs, with_values=with_values)
+
+    @torch.no_grad()
+    def reference_rollout(self, batch: Rollout, step_seed: int) -> Rollout:
+        """``ppo.reference_samples`` samples of the reference for each prompt of ``batch``."""
+        p = self.cfg.ppo
+        prompts = batch.select(torch.arange(0, len(batch), p.num_generations))
+        with self.policy.reference():
+            # Its own seed: the policy's samples stay those of a run without this option.
+            return self._sample(prompts.query_ids, prompts.query_mask, prompts.queries,
+                                step_seed + 2, p.reference_samples)
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
-    def score(self, batch: Rollout, columns: dict[str, list] | None = None
-              ) -> tuple[Rollout, Tensor]:
-        """Scores used for learning (penalised, normalised, clipped) and the raw ones."""
+    def score(self, batch: Rollout, columns: dict[str, list] | None = None,
+              step_seed: int = 0) -> tuple[Rollout, Tensor]:
+        """Scores used for learning (penalised, normalised, clipped, or best-of-n) and the
+        raw ones."""
         p = self.cfg.ppo
-        raw = self.reward_fn(prompts=batch.queries, completions=batch.responses,
-                             **(columns or {}))
-        scores = torch.as_tensor(raw, dtype=torch.float32).reshape(-1).to(batch.response_ids.device)
-        if scores.shape[0] != len(batch):
-            raise ValueError(f"The reward returned {scores.shape[0]} scores for {len(batch)} "
-                             "responses; it must return one score per response.")
-        if p.missing_eos_penalty is not None:
-            scores = rl_math.penalize_missing_eos(scores, batch.ended_with_eos,
-                                                  p.missing_eos_penalty)
+        reference_scores = None
+        if p.best_of_n_target is not None:
+            # First, so that the reward's per-component record (``last``) is the policy's.
+            reference = self.reference_rollout(batch, step_seed)
+            reference_scores = self._reward(reference, columns).view(
+                -1, p.reference_samples).repeat_interleave(p.num_generations, 0)  # (B, K_ref)
+        scores = self._reward(batch, columns)
         raw_scores = scores
+        if reference_scores is not None:
+            scores = rl_math.best_of_n_scores(scores, reference_scores, p.best_of_n_target)
         if p.normalize_scores:
             mean, var, count = dist.global_masked_moments(self.accelerator, scores,
                                                           torch.ones_like(scores))
@@ -135,6 +150,20 @@ class Learner:
                                      per_response, self._normalize_and_clip)
             token_scores = rl_math.prefix_shaped_scores(prefixes, scores, batch.response_mask)
         return replace(batch, scores=scores, token_scores=token_scores), raw_scores
+
+    def _reward(self, batch: Rollout, columns: dict[str, list] | None) -> Tensor:
+        """The reward of each response of ``batch`` (B,), less ``missing_eos_penalty``."""
+        p = self.cfg.ppo
+        raw = self.reward_fn(prompts=batch.queries, completions=batch.responses,
+                             **(columns or {}))
+        scores = torch.as_tensor(raw, dtype=torch.float32).reshape(-1).to(batch.response_ids.device)
+        if scores.shape[0] != len(batch):
+            raise ValueError(f"The reward returned {scores.shape[0]} scores for {len(batch)} "
+                             "responses; it must return one score per response.")
+        if p.missing_eos_penalty is not None:
+            scores = rl_math.penalize_missing_eos(scores, batch.ended_with_eos,
+                                                  p.missing_eos_penalty)
+        return scores
 
     def _normalize_and_clip(self, scores: Tensor) -> Tensor:
         p = self.cfg.ppo

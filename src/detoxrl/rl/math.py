@@ -28,6 +28,9 @@ sample spread over its tokens): :func:`rloo_advantages` (Ahmadian et al. 2024),
 :func:`group_advantages` (GRPO, Shao et al. 2024; Dr. GRPO, Liu et al. 2025) and the token
 loss reductions of :func:`aggregate_loss`.
 
+:func:`best_of_n_scores` turns a score into one whose KL-regularised optimum is the
+reference's best-of-n distribution (BOND, Sessa et al. 2024).
+
 Masks are 0/1 float or bool and select real (response) tokens; per-token tensors are
 ``(B, T)``. Padded positions may hold anything: inputs are selected with ``torch.where``
 rather than multiplied, so a NaN or inf in padding can reach neither outputs nor gradients.
@@ -318,6 +321,22 @@ def aggregate_loss(losses: Tensor, mask: Tensor, loss_type: str,
         return masked_sum(losses, m) / (losses.shape[0] * max_length)
     raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of "
                      + ", ".join(repr(t) for t in LOSS_TYPES) + ".")
+
+
+def best_of_n_scores(scores: Tensor, reference_scores: Tensor, n: float) -> Tensor:
+    """``(n - 1) * log F(score)``, F the share of the reference's samples for the same prompt
+    that score at most as high (smoothed to (0, 1)). scores (B,), reference_scores (B, K).
+
+    Best-of-n sampling from the reference has the density ``pi_ref(y) * n * F(r(y))**(n-1)``
+    (for continuous rewards), and the optimum of ``E[score] - beta * KL(pi || pi_ref)`` is
+    ``pi_ref * exp(score / beta)``; with this score and beta = 1 the two coincide: RL then
+    aims at the reference's best-of-n, whose KL is at most ``log n - (n - 1) / n``
+    (BOND, Sessa et al. 2024, "Aligning LLMs with Best-of-N Distillation"; Beirami et al.
+    2024 for the KL). F comes from K samples, so it is an estimate with K + 1 levels.
+    """
+    k = reference_scores.shape[1]
+    at_most = (reference_scores <= scores[:, None]).sum(1).to(torch.float32)  # (B,)
+    return (n - 1) * torch.log((at_most + 0.5) / (k + 1))
 
 
 def penalize_missing_eos(scores: Tensor, ended_with_eos: Tensor, penalty: float) -> Tensor:
