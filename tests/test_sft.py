@@ -134,7 +134,8 @@ def _fake_data_dir(root: Path) -> tuple[Path, list[str]]:
         path.write_text("".join(json.dumps({"prompt": {"text": p}, "continuation": {
             "text": f" continuation {name[4:8]} {i}"}}) + "\n" for i, p in enumerate(prompts)))
     (root / "dialogsum").mkdir()
-    (root / "dialogsum" / "train.jsonl").write_text(json.dumps({"dialogue": "#P1#: hi"}) + "\n")
+    (root / "dialogsum" / "train.jsonl").write_text(json.dumps({
+        "dialogue": "#P1#: hi", "summary": "#Person1# greets #Person2#."}) + "\n")
     hs = root / "hate-speech"
     for sub in ("davidson", "tweeteval-hate", "dynabench"):
         (hs / sub).mkdir(parents=True)
@@ -157,6 +158,17 @@ def test_corpus_keeps_every_held_out_rtp_record_out(tmp_path):
     text = "\n".join(r["text"] for r in rows)
     assert not [p for p in held if p + " " in text]
     assert all(r["text"].startswith(r["prefix"]) for r in rtp)
+
+
+def test_corpus_summaries_read_as_prose(tmp_path):
+    root, _ = _fake_data_dir(tmp_path)
+    rows = build_corpus(root, CorpusSettings(rtp_nontoxic=0, rtp_toxic=0, dialogsum=0,
+                                             dialogsum_summaries=1, davidson=0, tweeteval=0,
+                                             dynabench=0))
+    assert [r["source"] for r in rows] == ["dialogsum_summaries"]
+    first, verb, second = rows[0]["text"].split(" ", 2)
+    assert verb == "greets" and second.endswith(".") and "#" not in rows[0]["text"]
+    assert first != second[:-1] and first.istitle() and second[:-1].istitle()
 
 
 def test_real_corpus_holds_no_evaluation_prompt(shared_data):

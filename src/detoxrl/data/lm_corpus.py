@@ -8,7 +8,8 @@ mix read from ``data_dir`` (the layout of ``../shared/data``):
   record whose prompt is an evaluation prompt (:func:`detoxrl.data.is_held_out`): those
   prompts are checked in both files, as the same text may appear in either;
 * hate and offensive speech: Davidson tweets, TweetEval train tweets, Dynabench train texts;
-* benign text: DialogSum training dialogues.
+* benign text: DialogSum training dialogues, and their summaries: short third-person
+  narrative, a clean register nearer the web prose of the prompts than dialogue is.
 
 How much of each is a count per source; the shares set how toxic the LM comes out.
 """
@@ -37,6 +38,8 @@ class CorpusSettings:
                                "outside the held-out evaluation prompts; -1: all of them.")
     rtp_toxic: int = option(300, "The same from rtp/toxic.jsonl (challenging prompts).")
     dialogsum: int = option(6000, "DialogSum training dialogues (benign).")
+    dialogsum_summaries: int = option(0, "DialogSum training summaries (benign narrative "
+                                      "prose), speakers given first names.")
     davidson: int = option(1000, "Davidson tweets (mostly offensive).")
     tweeteval: int = option(1000, "TweetEval hate-task training tweets.")
     dynabench: int = option(2000, "Dynabench training texts (about half hateful).")
@@ -45,7 +48,8 @@ class CorpusSettings:
 
 
 def check_settings(s: CorpusSettings) -> None:
-    for name in (*RTP_FILES, "dialogsum", "davidson", "tweeteval", "dynabench"):
+    for name in (*RTP_FILES, "dialogsum", "dialogsum_summaries", "davidson", "tweeteval",
+                 "dynabench"):
         if getattr(s, name) < -1:
             raise ConfigError(f"data.corpus.{name} must be -1 (all) or a count >= 0.")
     if not 0 <= s.held_out_fraction <= 1:
@@ -64,7 +68,8 @@ def build_corpus(data_dir: str | Path, s: CorpusSettings, seed: int = 0) -> list
     for name, file in RTP_FILES.items():
         if getattr(s, name):
             rows += _take(rtp_records(root / file, s.held_out_fraction), getattr(s, name), rng)
-    for name, reader in (("dialogsum", _dialogsum), ("davidson", _davidson),
+    for name, reader in (("dialogsum", _dialogsum), ("dialogsum_summaries", _summaries),
+                         ("davidson", _davidson),
                          ("tweeteval", _tweeteval), ("dynabench", _dynabench)):
         if getattr(s, name):
             rows += _take(reader(root), getattr(s, name), rng)
@@ -112,6 +117,22 @@ def dialogues(root: Path) -> list[str]:
 
 def _dialogsum(root: Path) -> list[dict]:
     return [_row(text, "dialogsum") for text in dialogues(root)]
+
+
+# Summaries name the speakers "#Person1#"; a first name per speaker, fixed by the summary's
+# position, reads as prose and spreads the names so that none becomes a register of its own.
+_NAMES = ("Alex", "Maria", "James", "Linda", "Tom", "Susan", "David", "Emma", "Peter", "Anna",
+          "Michael", "Lucy", "Daniel", "Grace", "Robert", "Helen", "Chris", "Julia")
+_SPEAKER = re.compile(r"#Person(\d+)#")
+
+
+def _summaries(root: Path) -> list[dict]:
+    rows = []
+    for i, record in enumerate(_jsonl(root / DIALOGSUM)):
+        text = _SPEAKER.sub(lambda m, i=i: _NAMES[(3 * i + int(m.group(1))) % len(_NAMES)],
+                            record["summary"])
+        rows.append(_row(text, "dialogsum_summaries"))
+    return rows
 
 
 def _davidson(root: Path) -> list[dict]:
