@@ -8,7 +8,7 @@ that fixed F; with a fixed KL coefficient ``beta`` the optimum is the reference 
 by ``F(score) ** ((n - 1) / beta)``. Nothing else of the run changes:
 
     python bench/fixed_quantile_reward.py --base runs/lm-e3-demo --n 6 \\
-        --output-dir runs/tries/e3-fixedq6
+        --output-dir runs/tries/e3-fixedq6 --model.name_or_path runs/lm-e3
 
 ``--base`` holds a built demo's ``0-data``, ``1-reward`` and ``2-policy``; further
 ``--key value`` options go to the run's config. Evaluate the run with ``detoxrl evaluate``.
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import math
+
+import torch
 
 from detoxrl.config import load_config
 from detoxrl.models.reward import ClassifierReward
@@ -29,16 +30,16 @@ class FixedQuantileReward:
     """``(n - 1) * log F(score)``, F the smoothed share of the first call's scores at most as
     high; the first call (the run's first rollout, before any update) sets the table."""
 
-    def __init__(self, classifier, n: float):
-        self.classifier, self.n, self.table = classifier, n, None
+    def __init__(self, classifier, n: float, dtype: torch.dtype = torch.float32):
+        self.classifier, self.n, self.dtype, self.table = classifier, n, dtype, None
 
     def __call__(self, prompts, completions, **kwargs):
         scores = [float(s) for s in self.classifier(prompts, completions)]
         if self.table is None:
             self.table = sorted(scores)
-        size = len(self.table)
-        return [(self.n - 1) * math.log((bisect.bisect_right(self.table, s) + 0.5) / (size + 1))
-                for s in scores]
+        shares = [(bisect.bisect_right(self.table, s) + 0.5) / (len(self.table) + 1)
+                  for s in scores]
+        return ((self.n - 1) * torch.log(torch.tensor(shares, dtype=self.dtype))).tolist()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=float, default=4.0, help="The n of (n - 1) * log F.")
     parser.add_argument("--beta", type=float, default=1.0, help="The fixed KL coefficient.")
     parser.add_argument("--config", default="configs/mini/detox-causal.yaml")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="Precision of log F. The two differ in the 8th digit, and RL "
+                        "amplifies that: compare runs that differ in nothing else.")
     args, extra = parser.parse_known_args(argv)
     cfg = load_config(args.config, [
         "--model.name_or_path", f"{args.base}/2-policy", "--reward.model", f"{args.base}/1-reward",
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         "--ppo.init_kl_coef", str(args.beta), *extra])
     classifier = ClassifierReward(cfg.reward.model, label=cfg.reward.label, output="logit",
                                   score_on=cfg.reward.score_on)
-    train(cfg, reward_fn=FixedQuantileReward(classifier, args.n), quiet=True)
+    train(cfg, reward_fn=FixedQuantileReward(classifier, args.n,
+                                                   getattr(torch, args.dtype)), quiet=True)
 
 
 if __name__ == "__main__":

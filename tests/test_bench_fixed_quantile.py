@@ -25,3 +25,9 @@ def test_fixed_quantile_reward_ranks_against_the_first_call(monkeypatch):
     later = reward(["p"] * 3, ["", "dddd", "bb"])
     assert later == pytest.approx([3 * math.log(k / 4) for k in (0.5, 3.5, 2.5)])
     assert reward.table == [1.0, 2.0, 3.0]
+    # float32 by default; float64 on request gives the same values to float32's precision.
+    import torch
+
+    wide = FixedQuantileReward(length, n=4, dtype=torch.float64)
+    assert wide(["p"] * 3, ["a", "bb", "ccc"]) == pytest.approx(first, rel=1e-6)
+    assert wide(["p"], ["bb"]) == pytest.approx(reward(["p"], ["bb"]), rel=1e-6)
