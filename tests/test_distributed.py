@@ -81,8 +81,8 @@ if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
         steps = []
         score = learner.Learner.score
 
-        def recording_score(self, batch, columns=None):
-            batch, raw = score(self, batch, columns)
+        def recording_score(self, batch, *args, **kwargs):
+            batch, raw = score(self, batch, *args, **kwargs)
             steps.append({"queries": list(batch.queries), "scores": raw.tolist()})
             return batch, raw
 
