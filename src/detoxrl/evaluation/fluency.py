@@ -113,13 +113,17 @@ def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[s
     contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
     out = np.full(len(targets), np.nan)
     device = next(fm.model.parameters()).device
+    # Batches of rows with similar prompt and response lengths: a batch's width is its
+    # longest row, and a causal LM's logits start at its shortest prompt, so mixed lengths
+    # would mostly compute padding.
+    order = sorted(range(len(targets)), key=lambda i: (len(contexts[i]), len(targets[i])))
     with torch.inference_mode():
-        for start in range(0, len(targets), batch_size):
-            rows = range(start, min(start + batch_size, len(targets)))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
             nll, counts = _batch_nll(fm, [contexts[i] for i in rows],
                                      [targets[i] for i in rows], device)
             ok = counts > 0
-            out[start:start + len(rows)][ok] = np.exp(nll[ok] / counts[ok])
+            out[np.asarray(rows)[ok]] = np.exp(nll[ok] / counts[ok])
     return out
 
 
