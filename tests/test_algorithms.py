@@ -167,6 +167,7 @@ def _forbidden_tokens(cfg) -> tuple[set[int], object]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("algorithm", "arch", "extra"), [
     ("ppo", "gpt2", []),
+    ("ppo", "t5", []),
     ("rloo", "t5", []),
     ("rloo", "gpt2", []),
     ("grpo", "t5", []),

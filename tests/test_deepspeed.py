@@ -53,9 +53,3 @@ def test_zero2_and_zero3_train_the_same_steps(tmp_path):
         assert (adapters[3][name].float() - weight.float()).abs().max() < 1e-3
     assert any(w.abs().sum() > 0 for n, w in adapters[3].items() if "lora_B" in n)
 
-
-def test_zero3_refuses_a_t5_with_its_own_lm_head(tmp_path):
-    result = launch(3, "tiny:t5", tmp_path / "zero3-t5")
-    assert result.returncode != 0
-    assert "lm_head tied to the embeddings" in result.stderr + result.stdout
-    assert not (tmp_path / "zero3-t5" / "adapter_model.safetensors").exists()

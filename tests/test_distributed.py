@@ -27,7 +27,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,20 +133,17 @@ class Launcher:
         })
         self.env = env
 
-    def train(self, out: Path, steps: int, *extra: str, dump: str | None = None,
-              processes: int = WORLD) -> subprocess.CompletedProcess:
+    def train(self, out: Path, steps: int, *extra: str, dump: str | None = None
+              ) -> subprocess.CompletedProcess:
         args = ["-m", "detoxrl", "train", "--config", str(CONFIG), "--output-dir", str(out),
                 f"--steps={steps}", "--quiet", *OPTIONS, *extra]
         env = dict(self.env)
         if dump:
             env["DETOXRL_TEST_DUMP"] = str(self.root / dump)
-        if processes > 1:
-            env["ACCELERATE_USE_CPU"] = "true"
-            cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), *args]
-        else:
-            cmd = [sys.executable, *args]
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(WORLD),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *args]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT)
 
@@ -264,11 +260,17 @@ def test_resume_same_world_size_is_exact(runs):
 
 
 @launches
-def test_resume_with_another_world_size_is_refused(runs):
-    proc = runs.train(runs.root / "BC", 3, "--save_every=1", "--resume", processes=1)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "trained on 2 process(es) but this launch has 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_resume_with_another_world_size_is_refused(runs, capsys):
+    from detoxrl.cli import main
+
+    before = _metrics(runs.root / "BC")
+    code = main(["train", "--config", str(CONFIG), "--output-dir", str(runs.root / "BC"),
+                 "--steps=3", "--quiet", *OPTIONS, "--save_every=1", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "trained on 2 process(es) but this launch has 1" in err
+    assert "Traceback" not in err
+    assert _metrics(runs.root / "BC") == before   # nothing written
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 
@@ -133,56 +132,6 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
     for mine, plain in ((got.logprobs, old.logprobs), (got.values, old.values),
                         (got.ref_logprobs, ref.logprobs)):
         torch.testing.assert_close(mine, plain * mask, atol=1e-5, rtol=0)
-
-
-# --------------------------------------------------------------------------- it learns
-
-def _token_share(tokenizer, forbidden: set[int], responses: list[str]) -> torch.Tensor:
-    ids = tokenizer(responses, add_special_tokens=False).input_ids
-    return torch.tensor([sum(t in forbidden for t in x) / max(len(x), 1) for x in ids])
-
-
-@pytest.mark.slow
-def test_ppo_halves_forbidden_token_share(tmp_path):
-    """Reward = -share of forbidden tokens; the forbidden set is what the start policy likes.
-
-    The set is the most frequent tokens of the initial policy's samples, covering half of
-    them, so the policy starts out emitting them about 50% of the time.
-    """
-    from detoxrl.data.prompts import build_prompts
-    from detoxrl.models.generation import collate_queries
-    from detoxrl.models.policy import Policy
-
-    learn = ["--generation.min_new_tokens_draw", "12", "--generation.max_new_tokens_draw", "12",
-             "--generation.min_length", "12", "--ppo.batch_size", "32",
-             "--ppo.mini_batch_size", "8", "--ppo.ppo_epochs", "8",
-             "--ppo.learning_rate", "1e-2", "--ppo.kl_controller", "fixed",
-             "--ppo.init_kl_coef", "0.01", "--lora.r", "8",
-             "--lora.target_modules", "[q, v, lm_head]", "--steps", "12"]
-    cfg = _cfg(tmp_path, *learn)
-    policy = Policy.from_pretrained(cfg.model, cfg.lora)
-    prompts = build_prompts(cfg.data, policy.tokenizer).train.select(range(64))
-    ids, mask = collate_queries(prompts["input_ids"], policy.tokenizer.pad_token_id, "right")
-    torch.manual_seed(1)
-    start = policy.generate(ids, mask, cfg.generation, queries=prompts["query"])
-    counts = collections.Counter(t for r in policy.tokenizer(
-        start.responses, add_special_tokens=False).input_ids for t in r)
-    forbidden, covered, total = set(), 0, sum(counts.values())
-    for token, n in counts.most_common():
-        if covered >= total / 2:
-            break
-        forbidden.add(token)
-        covered += n
-
-    def reward(prompts, responses):
-        return -_token_share(policy.tokenizer, forbidden, responses)
-
-    result = train(cfg, reward_fn=reward, quiet=True)
-    shares = [-m["env/reward_mean"] for m in result.metrics]
-    first, last = shares[0], sum(shares[-3:]) / 3
-    assert first > 0.35, f"the start policy should emit forbidden tokens often ({first:.2f})"
-    assert last <= first / 2, f"share went {first:.3f} -> {last:.3f}: not halved"
-    assert all(math.isfinite(m["objective/kl"]) for m in result.metrics)
 
 
 # --------------------------------------------------------------------------- resume, skips
