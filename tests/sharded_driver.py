@@ -1,4 +1,5 @@
-"""Test-only driver of tests/test_sharded.py: several short runs in one launch of N processes.
+"""Test-only driver of tests/test_sharded.py and tests/test_distributed.py: several short runs
+in one launch of N processes, and several launches in one helper process.
 
 ``python tests/sharded_driver.py SPEC.json`` (under ``accelerate launch``) trains every case
 of the spec one after the other in the same processes, so that the process group starts
@@ -18,6 +19,9 @@ Each case is a real ``DetoxTrainer`` run; each rank writes what it saw to
 A case may also *replay* the responses another run recorded (a one-process run then learns
 from exactly the samples a two-process run drew), or have one rank kill itself with
 SIGKILL in the middle of a step's PPO update.
+
+``python tests/sharded_driver.py --cli ARGS`` (under ``accelerate launch``) is one rank of
+``detoxrl ARGS``; see :func:`cli`.
 """
 
 from __future__ import annotations
@@ -145,17 +149,21 @@ def merged_records(prefix: Path) -> list[dict]:
 
 def main(spec_path: str) -> None:
     """One rank: every case of the spec, in order, then the end of the program."""
-    # A rank forked by ``launch`` inherits the launcher's handlers; a fresh interpreter's
-    # defaults end it even inside a collective when the launcher stops it.
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _fresh_signals()
     spec = json.loads(Path(spec_path).read_text())
     for case in spec["cases"]:
         run_case(case, Path(spec["dump"]))
     from accelerate.state import PartialState
 
     PartialState().destroy_process_group()
+
+
+def _fresh_signals() -> None:
+    # A rank forked by ``launch`` inherits the launcher's handlers; a fresh interpreter's
+    # defaults end it even inside a collective when the launcher stops it.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def launch(argv: list[str], env: dict[str, str]) -> int:
@@ -187,6 +195,53 @@ def launch(argv: list[str], env: dict[str, str]) -> int:
     return 0
 
 
+def cli(argv: list[str]) -> int:
+    """One rank of ``detoxrl train ARGV``, as the command runs it. Under ``DETOXRL_TEST_DUMP``
+    the rank also writes what it saw there: per step the prompts and raw scores of its own
+    rollouts, and at the end its adapter and value head (``rank<r>.safetensors``), KL
+    coefficient and score moments (``rank<r>.json``)."""
+    _fresh_signals()
+    if os.environ.get("DETOXRL_TEST_DUMP"):
+        _dumping(Path(os.environ["DETOXRL_TEST_DUMP"]))
+    from detoxrl.cli import main as detoxrl_main
+
+    return detoxrl_main(argv)
+
+
+def _dumping(out: Path) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from detoxrl.rl import detox_trainer, learner
+
+    steps, score, train = [], learner.Learner.score, detox_trainer.DetoxTrainer.train
+
+    def recording_score(self, batch, *args, **kwargs):
+        batch, raw = score(self, batch, *args, **kwargs)
+        steps.append({"queries": list(batch.queries), "scores": raw.tolist()})
+        return batch, raw
+
+    def dumping_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        t = self.learner
+        rank = t.accelerator.process_index
+        tensors = {"adapter." + k: v for k, v in get_peft_model_state_dict(
+            t.policy.model, adapter_name="default").items()}
+        tensors.update({"value_head." + k: v
+                        for k, v in t.policy.value_head.state_dict().items()})
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(out / f"rank{rank}.safetensors"))
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "world_size": t.accelerator.num_processes,
+            "kl_coef": t.kl_ctl.value, "score_moments": t.score_moments.state_dict(),
+            "steps": steps}))
+        return result
+
+    learner.Learner.score = recording_score
+    detox_trainer.DetoxTrainer.train = dumping_train
+
+
 def serve(plan_path: str) -> None:
     """Every launch of the plan in turn; their exit statuses and seconds to ``<plan>.out``."""
     # What every rank imports, imported once before any rank forks.
@@ -207,5 +262,7 @@ def serve(plan_path: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
         serve(sys.argv[2])
+    elif sys.argv[1] == "--cli":
+        sys.exit(cli(sys.argv[2:]))
     else:
         main(sys.argv[1])

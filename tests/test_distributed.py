@@ -12,9 +12,11 @@ moments; ``metrics.jsonl`` holds one line per step with statistics over both ran
 (each rank's scores are dumped and compared); the resumed run ends bitwise where A ends; and
 resuming on a different number of processes is refused.
 
-Each rank dumps its own state through a test-only ``sitecustomize.py`` that this file writes
-and puts on ``PYTHONPATH`` (nothing in the package is test-specific): it wraps
-``DetoxTrainer.train`` and ``Learner.score`` in the launched processes only.
+The launches run one after another from one helper process that imports the stack once,
+each by accelerate's own launcher with its ranks forked from the helper
+(``tests/sharded_driver.py --serve``). Each rank is ``detoxrl train`` with test-only wrappers
+of ``DetoxTrainer.train`` and ``Learner.score`` that dump its own state
+(``sharded_driver.cli``; nothing in the package is test-specific).
 
 On CPU, ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's
 simple launcher spawns only under mpirun); ``ACCELERATE_USE_CPU=true`` with ``--multi_gpu``
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +54,7 @@ def launches(test):
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
+DRIVER = Path(__file__).parent / "sharded_driver.py"
 WORLD = 2
 BATCH = 8
 OPTIONS = [  # per rank: 4 rollouts, 2 mini-batches of 2, 2 micro-batches of 1, 2 epochs
@@ -62,55 +66,6 @@ OPTIONS = [  # per rank: 4 rollouts, 2 mini-batches of 2, 2 micro-batches of 1, 
 ]
 LAUNCH_TIMEOUT = 240
 
-HOOK = '''\
-"""Test-only (tests/test_distributed.py): every launched rank dumps its own final state."""
-import os
-
-if os.environ.get("DETOXRL_TEST_DUMP") and "LOCAL_RANK" in os.environ:
-    def _install():
-        import json
-        from pathlib import Path
-
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        from detoxrl.rl import detox_trainer, learner
-
-        out = Path(os.environ["DETOXRL_TEST_DUMP"])
-        steps = []
-        score = learner.Learner.score
-
-        def recording_score(self, batch, *args, **kwargs):
-            batch, raw = score(self, batch, *args, **kwargs)
-            steps.append({"queries": list(batch.queries), "scores": raw.tolist()})
-            return batch, raw
-
-        train = detox_trainer.DetoxTrainer.train
-
-        def dumping_train(self, *args, **kwargs):
-            result = train(self, *args, **kwargs)
-            t = self.learner
-            rank = t.accelerator.process_index
-            tensors = {"adapter." + k: v for k, v in get_peft_model_state_dict(
-                t.policy.model, adapter_name="default").items()}
-            tensors.update({"value_head." + k: v
-                            for k, v in t.policy.value_head.state_dict().items()})
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      str(out / f"rank{rank}.safetensors"))
-            (out / f"rank{rank}.json").write_text(json.dumps({
-                "rank": rank, "world_size": t.accelerator.num_processes,
-                "kl_coef": t.kl_ctl.value, "score_moments": t.score_moments.state_dict(),
-                "steps": steps}))
-            return result
-
-        learner.Learner.score = recording_score
-        detox_trainer.DetoxTrainer.train = dumping_train
-
-    _install()
-'''
-
-
 def _why(stderr: str) -> str:
     """The workers' own tracebacks, not just torchrun's summary that follows them."""
     start = stderr.find("Traceback")
@@ -118,38 +73,39 @@ def _why(stderr: str) -> str:
 
 
 class Launcher:
+    """Launches of ``detoxrl train`` on two processes, one after another, each rank forked
+    from one helper process that imported the stack once (``sharded_driver.py --serve``);
+    each rank dumps its own state (``sharded_driver.cli``)."""
+
     def __init__(self, root: Path):
         self.root = root
-        hook_dir = root / "hook"
-        hook_dir.mkdir()
-        (hook_dir / "sitecustomize.py").write_text(HOOK)
         env = {k: v for k, v in os.environ.items()
                if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               and not k.startswith("ACCELERATE_")}
-        env.update({
-            "DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(hook_dir), env.get("PYTHONPATH", "")]),
-        })
+               and not k.startswith(("ACCELERATE_", "FSDP_"))}
+        env.update({"DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])})
         self.env = env
 
-    def train(self, out: Path, steps: int, *extra: str, dump: str | None = None
-              ) -> subprocess.CompletedProcess:
-        args = ["-m", "detoxrl", "train", "--config", str(CONFIG), "--output-dir", str(out),
-                f"--steps={steps}", "--quiet", *OPTIONS, *extra]
-        env = dict(self.env)
-        if dump:
-            env["DETOXRL_TEST_DUMP"] = str(self.root / dump)
-        env["ACCELERATE_USE_CPU"] = "true"
-        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(WORLD),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), *args]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT)
+    def launch(self, name: str, out: Path, steps: int, *extra: str) -> list:
+        """One plan entry: ``detoxrl train`` on two processes, dumping to ``<root>/<name>``."""
+        args = ["train", "--config", str(CONFIG), "--output-dir", str(out), f"--steps={steps}",
+                "--quiet", *OPTIONS, *extra]
+        argv = ["--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(free_port()), str(DRIVER), "--cli", *args]
+        return [name, argv, {"ACCELERATE_USE_CPU": "true",
+                             "DETOXRL_TEST_DUMP": str(self.root / name)}]
 
-    def train_ok(self, *args, **kwargs) -> None:
-        proc = self.train(*args, **kwargs)
-        assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{_why(proc.stderr)}"
+    def run_plan(self, plan: list[list]) -> None:
+        path = self.root / "plan.json"
+        path.write_text(json.dumps(plan))
+        proc = subprocess.run([sys.executable, str(DRIVER), "--serve", str(path)], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT * len(plan))
+        status = json.loads(Path(f"{path}.out").read_text()) if proc.returncode == 0 else {}
+        failed = [name for name, *_ in plan if status.get(name, {}).get("returncode") != 0]
+        assert not failed, f"launches {failed} failed:\n{_why(proc.stderr)}"
 
     def dump(self, name: str, rank: int) -> tuple[dict, dict]:
         base = self.root / name
@@ -161,9 +117,9 @@ class Launcher:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     launcher = Launcher(root)
-    launcher.train_ok(root / "A", 3, "--save_every=0", dump="dump-A")
-    launcher.train_ok(root / "BC", 2, "--save_every=1", dump="dump-B")
-    launcher.train_ok(root / "BC", 3, "--save_every=1", "--resume", dump="dump-C")
+    launcher.run_plan([launcher.launch("dump-A", root / "A", 3, "--save_every=0"),
+                       launcher.launch("dump-B", root / "BC", 2, "--save_every=1"),
+                       launcher.launch("dump-C", root / "BC", 3, "--save_every=1", "--resume")])
     return launcher
 
 
