@@ -434,3 +434,17 @@ def test_missing_model_path_names_it(tmp_path):
     message = str(info.value)
     assert str(missing) in message
     assert "local folder" in message
+
+
+def test_cudnn_attention_is_off_only_inside_a_cuda_pass():
+    from detoxrl.models.attention import no_cudnn_attention
+
+    flags = torch.backends.cuda
+    assert flags.cudnn_sdp_enabled()
+    with no_cudnn_attention(torch.device("cuda")):   # a device object needs no GPU
+        assert not flags.cudnn_sdp_enabled()
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled()
+        assert flags.math_sdp_enabled()
+    assert flags.cudnn_sdp_enabled()
+    with no_cudnn_attention(torch.device("cpu")):
+        assert flags.cudnn_sdp_enabled()

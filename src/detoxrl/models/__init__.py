@@ -6,6 +6,7 @@
 next-token sampler, ``generation`` length limits, masks and beam search; ``rollout`` the
 sampled batch (:class:`~detoxrl.models.rollout.Rollout`); ``tiny`` the offline test
 models; ``inference`` the public ``generate``; ``lora`` the default LoRA targets;
-``quiet`` the library messages silenced around loading. Imports ``detoxrl.errors``,
+``quiet`` the library messages silenced around loading; ``attention`` the attention
+kernels the policy's passes may use on a GPU. Imports ``detoxrl.errors``,
 ``detoxrl.config`` and ``detoxrl.runs``.
 """

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import LoraSettings, ModelConfig, SamplingConfig
 from ..errors import ConfigError
 from . import tiny
+from .attention import no_cudnn_attention
 from .decoding import decode
 from .generation import beam_search, block_token, entropy_from_logits, response_mask
 from .loading import (
@@ -210,7 +211,7 @@ class Policy(nn.Module):
         ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
         under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
         """
-        with self._checkpointing():
+        with self._checkpointing(), no_cudnn_attention(query_ids.device):
             if self.is_seq2seq:
                 logits, hidden = self._seq2seq_logits(query_ids, query_mask, response_ids,
                                                       response_mask, encoder_hidden)
@@ -362,9 +363,10 @@ class Policy(nn.Module):
             # Seq2seq output starts with the decoder start token; causal with the query.
             start = 1 if self.is_seq2seq else query_ids.shape[1]
             return sequences[:, start:], None, None
-        out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
-                     tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
-                     with_logprobs and with_values, synced_gpus)
+        with no_cudnn_attention(query_ids.device):
+            out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
+                         tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
+                         with_logprobs and with_values, synced_gpus)
         return out.tokens, out.logprobs, out.hidden
 
     # ------------------------------------------------------------------ parameters, saving
