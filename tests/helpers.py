@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -93,3 +97,41 @@ LAUNCH_MARKS = [
                             and torch.distributed.is_gloo_available()),
                        reason="torch.distributed with gloo is required"),
 ]
+
+
+# ------------------------------------------------------------------ launches of N processes
+
+DRIVER = Path(__file__).resolve().parent / "sharded_driver.py"
+
+
+def launch_env(root: Path) -> dict[str, str]:
+    """The environment of a test's launches: no rank, launcher or FSDP variables inherited,
+    the tiny models built under ``root``, offline, one thread, this checkout's ``src`` first."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith(("ACCELERATE_", "FSDP_"))}
+    src = Path(__file__).resolve().parents[1] / "src"
+    env.update({"DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(src), env.get("PYTHONPATH", "")])})
+    return env
+
+
+def serve_plan(plan: list[list], path: Path, env: dict[str, str], timeout: float
+               ) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
+    """Every launch of ``plan`` (``[name, accelerate launch argv, env]`` each) in turn, from
+    one ``sharded_driver.py --serve`` helper: its process, and per launch the returncode and
+    seconds (empty where the helper itself failed)."""
+    path.write_text(json.dumps(plan))
+    proc = subprocess.run([sys.executable, str(DRIVER), "--serve", str(path)],
+                          cwd=DRIVER.parents[1], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = Path(f"{path}.out")
+    status = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else {}
+    return proc, status
+
+
+def why(stderr: str) -> str:
+    """The workers' own tracebacks, not just torchrun's summary that follows them."""
+    start = stderr.find("Traceback")
+    return stderr[start:start + 8000] if start >= 0 else stderr[-8000:]

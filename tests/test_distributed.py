@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +40,7 @@ from detoxrl.errors import ConfigError
 from detoxrl.rl import distributed as dist
 from detoxrl.rl.kl import AdaptiveKLController
 from detoxrl.rl.learner import Learner
-from helpers import LAUNCH_MARKS, free_port
+from helpers import DRIVER, LAUNCH_MARKS, free_port, launch_env, serve_plan, why
 
 
 def launches(test):
@@ -54,7 +51,6 @@ def launches(test):
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
-DRIVER = Path(__file__).parent / "sharded_driver.py"
 WORLD = 2
 BATCH = 8
 OPTIONS = [  # per rank: 4 rollouts, 2 mini-batches of 2, 2 micro-batches of 1, 2 epochs
@@ -66,26 +62,13 @@ OPTIONS = [  # per rank: 4 rollouts, 2 mini-batches of 2, 2 micro-batches of 1, 
 ]
 LAUNCH_TIMEOUT = 240
 
-def _why(stderr: str) -> str:
-    """The workers' own tracebacks, not just torchrun's summary that follows them."""
-    start = stderr.find("Traceback")
-    return stderr[start:start + 8000] if start >= 0 else stderr[-8000:]
-
-
 class Launcher:
     """Launches of ``detoxrl train`` on two processes, one after another, each rank forked
     from one helper process that imported the stack once (``sharded_driver.py --serve``);
     each rank dumps its own state (``sharded_driver.cli``)."""
 
     def __init__(self, root: Path):
-        self.root = root
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               and not k.startswith(("ACCELERATE_", "FSDP_"))}
-        env.update({"DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])})
-        self.env = env
+        self.root, self.env = root, launch_env(root)
 
     def launch(self, name: str, out: Path, steps: int, *extra: str) -> list:
         """One plan entry: ``detoxrl train`` on two processes, dumping to ``<root>/<name>``."""
@@ -98,14 +81,10 @@ class Launcher:
                              "DETOXRL_TEST_DUMP": str(self.root / name)}]
 
     def run_plan(self, plan: list[list]) -> None:
-        path = self.root / "plan.json"
-        path.write_text(json.dumps(plan))
-        proc = subprocess.run([sys.executable, str(DRIVER), "--serve", str(path)], cwd=ROOT,
-                              env=self.env, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT * len(plan))
-        status = json.loads(Path(f"{path}.out").read_text()) if proc.returncode == 0 else {}
+        proc, status = serve_plan(plan, self.root / "plan.json", self.env,
+                                  LAUNCH_TIMEOUT * len(plan))
         failed = [name for name, *_ in plan if status.get(name, {}).get("returncode") != 0]
-        assert not failed, f"launches {failed} failed:\n{_why(proc.stderr)}"
+        assert not failed, f"launches {failed} failed:\n{why(proc.stderr)}"
 
     def dump(self, name: str, rank: int) -> tuple[dict, dict]:
         base = self.root / name

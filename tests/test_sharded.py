@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import LAUNCH_MARKS, free_port  # noqa: E402
+from helpers import DRIVER, LAUNCH_MARKS, free_port, launch_env, serve_plan, why  # noqa: E402
 from sharded_driver import merged_records, run_case  # noqa: E402
 
 pytestmark = LAUNCH_MARKS
@@ -101,13 +101,7 @@ def _launch_env(backend: str) -> dict[str, str | None]:
 class Launcher:
     def __init__(self, root: Path):
         self.root, self.dump = root, root / "dump"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               and not k.startswith(("ACCELERATE_", "FSDP_"))}
-        env.update({"DETOXRL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])})
-        self.env = env
+        self.env = launch_env(root)
         self.status: dict[str, dict] = {}   # per launch: returncode, seconds
 
     def case(self, backend: str, case: str, **extra) -> dict:
@@ -121,18 +115,11 @@ class Launcher:
         for backend, cases in launches:
             spec = self.root / f"{backend}.json"
             spec.write_text(json.dumps({"dump": str(self.dump), "cases": cases}))
-            driver = str(Path(__file__).parent / "sharded_driver.py")
-            plan.append([backend, [*_launch_args(backend), driver, str(spec)],
+            plan.append([backend, [*_launch_args(backend), str(DRIVER), str(spec)],
                          _launch_env(backend)])
-        path = self.root / "plan.json"
-        path.write_text(json.dumps(plan))
-        self.served = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "sharded_driver.py"), "--serve",
-             str(path)], cwd=ROOT, env=self.env, capture_output=True, text=True,
-            timeout=TIMEOUT * len(plan))
-        out = Path(f"{path}.out")
-        assert self.served.returncode == 0 and out.exists(), _why(self.served.stderr)
-        self.status = json.loads(out.read_text())
+        self.served, self.status = serve_plan(plan, self.root / "plan.json", self.env,
+                                              TIMEOUT * len(plan))
+        assert self.served.returncode == 0 and self.status, why(self.served.stderr)
 
     def launch_fresh(self, name: str, backend: str, cases: list[dict]) -> None:
         """One launch by ``accelerate launch``, its ranks fresh interpreters."""
@@ -142,7 +129,7 @@ class Launcher:
         start = time.perf_counter()
         self.fresh = subprocess.run(
             [sys.executable, "-m", "accelerate.commands.launch", *_launch_args(backend),
-             str(Path(__file__).parent / "sharded_driver.py"), str(spec)],
+             str(DRIVER), str(spec)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
         self.status[name] = {"returncode": self.fresh.returncode,
                              "seconds": round(time.perf_counter() - start, 1)}
@@ -156,11 +143,6 @@ class Launcher:
     def error(self, name: str) -> str:
         """What stopped a case, from each rank that recorded it."""
         return "\n".join(p.read_text() for p in sorted(self.dump.glob(f"{name}.rank*.error")))
-
-
-def _why(stderr: str) -> str:
-    start = stderr.find("Traceback")
-    return stderr[start:start + 6000] if start >= 0 else stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +208,8 @@ def _assert_close_samples(ours: list[dict], theirs: list[dict], what: str) -> No
 @pytest.mark.parametrize(("backend", "case"), BACKENDS)
 def test_two_processes_train_what_one_trains(runs, backend, case):
     if not (runs.dump / f"{backend}-{case}.rank1.json").exists():
-        why = runs.error(f"{backend}-{case}") or _why(runs.served.stderr)
-        pytest.fail(f"the {backend} launch stopped before {case} ended:\n{why}")
+        stopped = runs.error(f"{backend}-{case}") or why(runs.served.stderr)
+        pytest.fail(f"the {backend} launch stopped before {case} ended:\n{stopped}")
     info = runs.info(f"{backend}-{case}", rank=1)
     assert info["world_size"] == 2
     assert (info["distributed_type"], info["zero_stage"]) == {
@@ -265,7 +247,7 @@ def test_a_rank_killed_mid_step_resumes_bit_identically(runs):
     assert runs.status["fsdp"]["returncode"] != 0
     # Rank 1 died from the kill, not from an error (rank 0 may fail on the lost connection).
     assert not (runs.dump / f"fsdp-{KILLED}.rank1.error").exists()
-    assert runs.status["resume"]["returncode"] == 0, _why(runs.fresh.stderr)
+    assert runs.status["resume"]["returncode"] == 0, why(runs.fresh.stderr)
     left = runs.info(RESUMED)["found"]   # what the killed launch left
     assert left["checkpoints"] == ["step-1"] and len(left["metrics"]) == 1
     assert "adapter_model.safetensors" not in left["files"]   # it never finished
