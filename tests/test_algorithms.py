@@ -174,7 +174,8 @@ def _forbidden_tokens(cfg) -> tuple[set[int], object]:
     ("grpo", "gpt2", ["--ppo.loss_type", "dr_grpo", "--ppo.scale_rewards", "none"]),  # Dr. GRPO
 ])
 def test_forbidden_token_share_falls(tmp_path, algorithm, arch, extra):
-    """Same budget for all: 32 samples a step (8 per prompt for rloo/grpo), 12 steps."""
+    """Same budget for all: 32 samples a step (8 per prompt for rloo/grpo), 12 steps; each
+    algorithm must at least halve the share of forbidden tokens."""
     k = 1 if algorithm == "ppo" else 8
     learn = ["--generation.min_new_tokens_draw", "12", "--generation.max_new_tokens_draw", "12",
              "--generation.min_length", "12", "--ppo.batch_size", str(32 // k),
@@ -194,7 +195,7 @@ def test_forbidden_token_share_falls(tmp_path, algorithm, arch, extra):
     shares = [-m["env/reward_mean"] for m in result.metrics]
     first, last = shares[0], sum(shares[-3:]) / 3
     assert first > 0.35, f"the start policy should emit forbidden tokens often ({first:.2f})"
-    assert last <= 0.7 * first, f"share went {first:.3f} -> {last:.3f}: {shares}"
+    assert last <= first / 2, f"share went {first:.3f} -> {last:.3f}: not halved: {shares}"
     assert all(math.isfinite(m["objective/kl"]) for m in result.metrics)
     out = result.output_dir
     assert (out / VALUE_HEAD_FILE).exists() == (algorithm == "ppo")
