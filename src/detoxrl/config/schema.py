@@ -108,6 +108,10 @@ class SamplingConfig:
                                 "same one.")
     do_sample: bool = option(True, "Sample (True) or decode greedily (False).")
     num_beams: int = option(1, "Beams, for evaluation only; PPO needs sampling.")
+    cuda_graphs: bool = option(True, "On a CUDA device, decode over a static KV cache and "
+                               "replay each step as a recorded CUDA graph (one launch per "
+                               "token instead of hundreds). No effect on the CPU or under "
+                               "ZeRO-3/FSDP, whose steps gather parameters.")
 
 
 @dataclass

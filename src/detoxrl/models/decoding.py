@@ -15,15 +15,13 @@ stopped, as ``generate(synced_gpus=True)`` does.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .graphs import Step, causal_steps, seq2seq_steps
 from .sampler import sample_next
-
-Step = Callable[[Tensor | None], tuple[Tensor, Tensor | None]]
 
 
 class Decoded(NamedTuple):
@@ -36,16 +34,28 @@ class Decoded(NamedTuple):
 def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_tokens: int,
            eos_blocked: int, eos_token_id: int | None, pad_token_id: int,
            encoder_hidden: Tensor | None = None, with_logprobs: bool = False,
-           with_hidden: bool = False, synced_gpus: bool = False) -> Decoded:
+           with_hidden: bool = False, synced_gpus: bool = False, graphs: bool = False
+           ) -> Decoded:
     """Up to ``max_new_tokens`` new tokens per query row.
 
     ``model``: a transformers LM (LoRA layers may sit inside it). Causal queries are
     left-padded; seq2seq queries come with their ``encoder_hidden`` (B, Q, H).
     ``sampling``: a ``SamplingConfig`` (do_sample, temperature, top_k, top_p); EOS is blocked
     at the first ``eos_blocked`` positions.
+    ``graphs``: step over a static cache (:mod:`detoxrl.models.graphs`), replayed as a CUDA
+    graph on a GPU and run eagerly elsewhere. Not under ``synced_gpus``, whose parameter
+    gathering inside each step a graph cannot hold.
     """
-    if model.config.is_encoder_decoder:
+    if graphs and synced_gpus:
+        raise ValueError("CUDA-graph decoding cannot run with synced_gpus (ZeRO-3, FSDP).")
+    record = graphs and query_ids.is_cuda
+    if model.config.is_encoder_decoder and graphs:
+        step = seq2seq_steps(model, query_mask, encoder_hidden, max_new_tokens, with_hidden,
+                             record)
+    elif model.config.is_encoder_decoder:
         step = _seq2seq_steps(model, query_mask, encoder_hidden, with_hidden)
+    elif graphs:
+        step = causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden, record)
     else:
         step = _causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden)
     rows, device = query_ids.shape[0], query_ids.device

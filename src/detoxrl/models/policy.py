@@ -366,7 +366,8 @@ class Policy(nn.Module):
         with no_cudnn_attention(query_ids.device):
             out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
                          tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
-                         with_logprobs and with_values, synced_gpus)
+                         with_logprobs and with_values, synced_gpus,
+                         graphs=sampling.cuda_graphs and query_ids.is_cuda and not synced_gpus)
         return out.tokens, out.logprobs, out.hidden
 
     # ------------------------------------------------------------------ parameters, saving
