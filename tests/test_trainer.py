@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from detoxrl.config import load_config
+from detoxrl.errors import ConfigError
 from detoxrl.models.rollout import Rollout
 from detoxrl.rl.detox_trainer import train
 
@@ -92,11 +93,30 @@ def test_one_step_matches_hand_computation(tmp_path):
 
 # --------------------------------------------------------------------------- step 3
 
+def test_forward_batch_size_auto_is_one_pass_on_a_gpu_and_a_mini_batch_on_a_cpu(tmp_path):
+    def chunk(device: str, *extra: str) -> int:
+        return _cfg(tmp_path, *extra).finalize(1, device).ppo.forward_chunk
+
+    sizes = ("--ppo.batch_size", "16", "--ppo.mini_batch_size", "4")
+    assert chunk("cpu", *sizes) == 4
+    assert chunk("cuda", *sizes) == 16
+    big = ("--ppo.batch_size", "40", "--ppo.mini_batch_size", "12", "--ppo.algorithm", "rloo",
+           "--ppo.num_generations", "3")                     # 120 samples, mini-batch 12
+    assert chunk("cuda", *big) == 60                          # whole mini-batches, <= 64
+    assert chunk("cuda", *sizes, "--ppo.forward_batch_size", "3") == 3
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match=r"ppo\.forward_batch_size"):
+            chunk("cpu", "--ppo.forward_batch_size", bad)
+
+
+@pytest.mark.parametrize("chunk", ["auto", "4"], ids=["mini-batches", "chunks-of-4"])
 @pytest.mark.parametrize("from_rollout", [False, True], ids=["old-pass", "from-rollout"])
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
-def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout, tmp_path):
-    """Length-sorted chunks, trimmed padding and the reused encoder change no number; old
-    log-probs and values read while sampling match the plain pass too."""
+def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout, chunk,
+                                                    tmp_path):
+    """Length-sorted chunks (of the mini-batch, 2, or of 4), trimmed padding and the reused
+    encoder change no number; old log-probs and values read while sampling match the plain
+    pass too."""
     from accelerate import Accelerator
 
     from detoxrl.config import ModelConfig, SamplingConfig
@@ -110,7 +130,8 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
-    cfg = _cfg(tmp_path, "--ppo.batch_size", "6", "--ppo.mini_batch_size", "2").finalize()
+    cfg = _cfg(tmp_path, "--ppo.batch_size", "6", "--ppo.mini_batch_size", "2",
+               "--ppo.forward_batch_size", chunk).finalize()
     trainer = Learner(cfg, policy, None, Accelerator(cpu=True), optimizer=None)
     texts = [" ".join(["word"] * n) + " end" for n in (3, 40, 7, 25, 1, 12)]
     q, qm = collate_queries([policy.tokenizer(t).input_ids for t in texts],

@@ -15,6 +15,7 @@ from .choices import check_choices
 from .validation import check_ranges
 
 CPU_MICRO_BATCH = 2  # largest micro-batch that gradient_accumulation_steps: auto picks on a CPU
+GPU_FORWARD_BATCH = 64  # most samples forward_batch_size: auto puts in one pass on a GPU
 DEFAULT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
 
@@ -141,6 +142,11 @@ class PPOConfig:
         "so less activation memory. 'auto': 1 on a GPU; on a CPU, micro-batches of at most "
         f"{CPU_MICRO_BATCH} samples (a CPU is compute-bound at that size already, so they "
         "cost no time and halve the PPO update's memory at the tutorial's mini-batch of 4).")
+    forward_batch_size: int | str = option(
+        "auto", "Samples per no-grad forward pass (the reference log-probs, and the old ones "
+        "when not read while sampling). 'auto': on a GPU, whole local mini-batches up to "
+        f"{GPU_FORWARD_BATCH} samples (one pass of that size costs about what one of 4 does "
+        "there); on a CPU, one local mini-batch.")
     ppo_epochs: int = option(1, "Passes over each batch of samples (every algorithm).")
     logprobs_from_rollout: bool = option(True, "Read the old log-probs (and PPO's values) "
                                          "while sampling instead of by a second forward "
@@ -191,6 +197,7 @@ class PPOConfig:
     local_batch_size: int = derived(0, "prompts per process.")
     local_mini_batch_size: int = derived(0, "per process.")
     micro_batch_size: int = derived(0, "per forward pass.")
+    forward_chunk: int = derived(0, "samples per no-grad forward pass, per process.")
     num_mini_batches: int = derived(0, "per epoch.")
 
 
@@ -237,7 +244,8 @@ class TrainConfig:
     def finalize(self, world_size: int = 1, device_type: str = "cpu") -> TrainConfig:
         """Derive per-process batch sizes and check every option; raise ConfigError if not.
 
-        ``device_type`` ("cpu", "cuda", ...) resolves ``gradient_accumulation_steps: auto``.
+        ``device_type`` ("cpu", "cuda", ...) resolves ``gradient_accumulation_steps`` and
+        ``forward_batch_size`` set to ``auto``.
         """
         check_choices(self)
         check_ranges(self)
@@ -246,6 +254,7 @@ class TrainConfig:
         p.local_batch_size = p.batch_size // world_size
         p.local_mini_batch_size = p.mini_batch_size // world_size
         p.micro_batch_size = _micro_batch_size(p, device_type)
+        p.forward_chunk = _forward_chunk(p, device_type)
         p.num_mini_batches = p.batch_size * p.num_generations // p.mini_batch_size
         g = self.generation
         if not 1 <= g.min_new_tokens_draw <= g.max_new_tokens_draw:
@@ -264,11 +273,13 @@ class TrainConfig:
     def _check_batches(self, world_size: int) -> PPOConfig:
         p = self.ppo
         accum = p.gradient_accumulation_steps
-        if isinstance(accum, str) and accum != "auto":
-            raise ConfigError("ppo.gradient_accumulation_steps must be a whole number >= 1 or "
-                              f"'auto', got {accum!r}.")
+        for name in ("gradient_accumulation_steps", "forward_batch_size"):
+            value = getattr(p, name)
+            if isinstance(value, str) and value != "auto":
+                raise ConfigError(f"ppo.{name} must be a whole number >= 1 or 'auto', got "
+                                  f"{value!r}.")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "num_generations"):
+                     "forward_batch_size", "ppo_epochs", "num_generations"):
             if getattr(p, name) != "auto" and getattr(p, name) < 1:
                 raise ConfigError(f"ppo.{name} must be at least 1, got {getattr(p, name)}.")
         if p.algorithm != "ppo" and p.num_generations < 2:
@@ -301,6 +312,16 @@ def _micro_batch_size(p: PPOConfig, device_type: str) -> int:
     if device_type != "cpu":
         return local
     return max(d for d in range(1, CPU_MICRO_BATCH + 1) if local % d == 0)
+
+
+def _forward_chunk(p: PPOConfig, device_type: str) -> int:
+    if p.forward_batch_size != "auto":
+        return p.forward_batch_size
+    local = p.local_mini_batch_size
+    if device_type == "cpu":
+        return local
+    samples = p.local_batch_size * p.num_generations
+    return max(local, min(samples, GPU_FORWARD_BATCH) // local * local)
 
 
 def _check_score_options(p: PPOConfig) -> None:

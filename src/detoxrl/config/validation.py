@@ -30,7 +30,8 @@ RANGES = {
     "generation.temperature": "> 0", "generation.num_beams": ">= 1",
     "ppo.learning_rate": "> 0", "ppo.weight_decay": ">= 0", "ppo.warmup_steps": ">= 0",
     "ppo.batch_size": ">= 1", "ppo.mini_batch_size": ">= 1",
-    "ppo.gradient_accumulation_steps": ">= 1", "ppo.ppo_epochs": ">= 1",
+    "ppo.gradient_accumulation_steps": ">= 1", "ppo.forward_batch_size": ">= 1",
+    "ppo.ppo_epochs": ">= 1",
     "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "> 0",
     "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.max_grad_norm": "> 0",
     "ppo.init_kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": ">= 1",
@@ -68,7 +69,7 @@ def check_ranges(cfg: Any) -> None:
     for key, spec in RANGES.items():
         found, value = _lookup(cfg, key)
         if not found or value is None or isinstance(value, bool) or value == "auto":
-            continue  # "auto" options (gradient_accumulation_steps) are resolved in finalize
+            continue  # "auto" options (batch splits) are resolved in finalize
         if not isinstance(value, (int, float)) or not in_range(value, spec):
             what = "in " if spec[0] not in "<>" else (
                 "a number " if isinstance(value, int) else "a finite number ")

@@ -177,7 +177,8 @@ class Learner:
     @torch.no_grad()
     def forward_old_and_ref(self, batch: Rollout) -> Rollout:
         """Reference log-probs and, unless the rollout read them while sampling
-        (``ppo.logprobs_from_rollout``), old log-probs and values; in mini-batch-sized chunks.
+        (``ppo.logprobs_from_rollout``), old log-probs and values; in chunks of
+        ``ppo.forward_batch_size`` samples.
 
         The order is free here, so chunks group prompts of similar length and carry little
         padding. The old pass reuses the rollout's encoder output (seq2seq), which is then
@@ -188,7 +189,7 @@ class Learner:
         logprobs, ref_logprobs, values = (torch.zeros_like(batch.response_mask, dtype=torch.float)
                                           for _ in range(3))                           # (B, T)
         order = batch.query_mask.sum(1).argsort(descending=True).cpu()
-        for idx in order.split(self.cfg.ppo.local_mini_batch_size):
+        for idx in order.split(self.cfg.ppo.forward_chunk):
             mb = batch.select(idx)
             rows, width = idx.to(logprobs.device), mb.response_ids.shape[1]
             with self._autocast():

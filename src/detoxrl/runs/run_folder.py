@@ -9,6 +9,7 @@ main process writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import TrainConfig, to_dict
+from ..config import PPOConfig, TrainConfig, to_dict
 from ..errors import ConfigError
 from .checkpoint import list_checkpoints
 from .io import atomic_write_json, atomic_write_text, check_writable, remove_leftovers, to_jsonable
@@ -39,8 +40,9 @@ RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval_curve.jsonl", "samples.md
 # Options a resumed run may change: they extend or log the run, not its result.
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_with", "num_samples_logged", "output_dir",
                      "max_skipped_steps", "eval_every")
-_DERIVED = ("ppo.world_size", "ppo.local_batch_size", "ppo.local_mini_batch_size",
-            "ppo.micro_batch_size", "ppo.num_mini_batches")
+# Sizes finalize() derives for this machine and process count, not options of the run.
+_DERIVED = tuple(f"ppo.{f.name}" for f in dataclasses.fields(PPOConfig)
+                 if f.metadata.get("derived"))
 
 
 def precheck_output_dir(out: Path, resume: bool, overwrite: bool,
