@@ -67,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", required=True)
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="generation.cuda_graphs off: every decoding step launched kernel "
+                         "by kernel (results named gpu_profile-<shape>-eager)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ppo_modes
     import ppo_step
 
-    step_args = ppo_step.parse_args(["--shape", args.shape, "--warmup", "short"])
+    step_args = ppo_step.parse_args(["--shape", args.shape, "--warmup", "short"]
+                                    + ["--no-cuda-graphs"] * args.no_cuda_graphs)
     spec, _ = ppo_step.spec_from_args(step_args)
     ppo_modes.setup("detoxrl", spec)
     ppo_modes.step(-1, True)
@@ -82,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         setattr(trainer, method, profile_phase(getattr(trainer, method), records, name))
     t0 = time.perf_counter()
     ppo_modes.step(0, False)
-    report = {"shape": args.shape, "gpu": torch.cuda.get_device_name(0)
-              if torch.cuda.is_available() else None, "torch": torch.__version__,
+    report = {"shape": args.shape, "cuda_graphs": not args.no_cuda_graphs,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "torch": torch.__version__,
               "step_wall_s_under_profiler": time.perf_counter() - t0, "phases": records}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu_profile-{args.shape}"
+    stem = args.out / f"gpu_profile-{args.shape}{'-eager' * args.no_cuda_graphs}"
     tables = {k: v.pop("top_ops") for k, v in records.items()}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report, tables))

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", choices=("step", "short", "none"), default="step",
                     help="before measuring, each mode runs a full step, a short one "
                          "(one mini-batch, 4 new tokens) or none")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="detoxrl only: generation.cuda_graphs off (each decoding step "
+                         "launched kernel by kernel on a GPU)")
     ap.add_argument("--rollout-only", action="store_true",
                     help="time only the rollout phase (cheap; more repeats fit); results go "
                          "to ppo_step-<shape>-<device>-rollout.*")
@@ -98,6 +101,7 @@ def make_spec(args: argparse.Namespace, shape, prompts: dict) -> dict:
             "gradient_checkpointing": args.gradient_checkpointing, "new_tokens": args.new_tokens,
             "lora_r": args.lora_r, "score_on": args.score_on, "seed": args.seed,
             "threads": args.threads, "rollout_only": args.rollout_only,
+            "cuda_graphs": not args.no_cuda_graphs,
             "warmup_rows": args.mini_batch if short else args.batch,
             "warmup_tokens": min(4, args.new_tokens) if short else args.new_tokens}
 

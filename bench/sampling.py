@@ -16,6 +16,8 @@ every other round), each generating ``new-tokens`` tokens for every one of
   top_p 1.0), reading log-probs and values while sampling, LoRA and value head on.
 * **evaluate**: ``Policy.generate`` as ``detoxrl evaluate`` calls it: the reference policy,
   ``samples`` samples per prompt in one call, nucleus ``--top-p``, log-probs read.
+* **rollout-eager**, **evaluate-eager** (on CUDA only): the same two calls with
+  ``generation.cuda_graphs`` off, every decoding step launched kernel by kernel.
 * **generate**: transformers' ``model.generate`` with the same nucleus (its sorting warper
   and ``torch.multinomial``), for comparison (``--no-generate`` skips it).
 
@@ -191,6 +193,18 @@ def make_modes(args, policy, ids, mask) -> dict:
                                            with_logprobs=True, with_values=True),
         "evaluate": evaluate,
     }
+    if ids.is_cuda:  # the same two paths with each step launched kernel by kernel
+        rl_eager = dataclasses.replace(rl, cuda_graphs=False)
+        ev_eager = dataclasses.replace(ev, cuda_graphs=False)
+        modes["rollout-eager"] = lambda: policy.generate(
+            rows_ids, rows_mask, rl_eager, [t] * len(rows_ids), with_logprobs=True,
+            with_values=True)
+
+        def evaluate_eager():
+            with policy.reference():
+                policy.generate(ids, mask, ev_eager, [t] * len(ids), num_return_sequences=k,
+                                with_logprobs=True)
+        modes["evaluate-eager"] = evaluate_eager
     if args.static:
         modes["floor-static"] = lambda: floor_loop(base, rows_ids, rows_mask, t, static=True)
     if not args.no_generate:
