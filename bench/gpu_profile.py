@@ -29,12 +29,17 @@ sys.path.insert(0, str(BENCH))
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def profile_phase(fn, records: dict, name: str):
-    """``fn`` wrapped so that each call runs under its own profiler, recorded as ``name``."""
+def profile_phase(fn, records: dict, name: str, kernels_only: bool = False):
+    """``fn`` wrapped so that each call runs under its own profiler, recorded as ``name``.
+
+    ``kernels_only`` (on CUDA): record the GPU's kernels and the runtime calls, not every
+    operator on the host, whose recording adds its own host time to each one.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    activities = ([ProfilerActivity.CUDA] if cuda and kernels_only else
+                  [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
 
     def profiled(*args, **kwargs):
         if cuda:
@@ -70,12 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="generation.cuda_graphs off: every decoding step launched kernel "
                          "by kernel (results named gpu_profile-<shape>-eager)")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="profile GPU kernels and runtime calls only, not host operators: "
+                         "less of the profiler's own time in the wall time (results named "
+                         "...-kernels)")
+    ap.add_argument("--warmup", choices=("short", "step"), default="short",
+                    help="before the profiled step: a short step (one mini-batch, 4 tokens) "
+                         "or a full one, so that no shape is new to the GPU libraries")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ppo_modes
     import ppo_step
 
-    step_args = ppo_step.parse_args(["--shape", args.shape, "--warmup", "short"]
+    step_args = ppo_step.parse_args(["--shape", args.shape, "--warmup", args.warmup]
                                     + ["--no-cuda-graphs"] * args.no_cuda_graphs)
     spec, _ = ppo_step.spec_from_args(step_args)
     ppo_modes.setup("detoxrl", spec)
@@ -83,15 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer = ppo_modes._STATE["runner"].trainer
     records: dict = {}
     for method, name in ppo_modes._TRAINER_PHASES.items():
-        setattr(trainer, method, profile_phase(getattr(trainer, method), records, name))
+        setattr(trainer, method, profile_phase(getattr(trainer, method), records, name,
+                                               args.kernels_only))
     t0 = time.perf_counter()
     ppo_modes.step(0, False)
     report = {"shape": args.shape, "cuda_graphs": not args.no_cuda_graphs,
+              "kernels_only": args.kernels_only, "warmup": args.warmup,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "torch": torch.__version__,
               "step_wall_s_under_profiler": time.perf_counter() - t0, "phases": records}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu_profile-{args.shape}{'-eager' * args.no_cuda_graphs}"
+    stem = args.out / (f"gpu_profile-{args.shape}{'-eager' * args.no_cuda_graphs}"
+                       f"{'-kernels' * args.kernels_only}")
     tables = {k: v.pop("top_ops") for k, v in records.items()}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report, tables))
