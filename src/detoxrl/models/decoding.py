@@ -5,6 +5,8 @@ One cached forward pass per new token (transformers' ``DynamicCache``; an
 :func:`detoxrl.models.sampler.sample_next`, and, read from the same pass, the sampled token's
 log-prob and the last hidden state (PPO's old log-probs and values). What ``generate`` did
 per step besides that (logits processors, stopping criteria, input preparation) is not done.
+On a GPU the steps run over a ``StaticCache`` and are replayed as CUDA graphs
+(:mod:`detoxrl.models.graphs`); the loop around them is the same.
 
 Rows that sampled EOS get the pad token afterwards, as ``generate`` gives them. The loop stops
 when every row has ended or ``max_new_tokens`` is reached; under ZeRO-3 every forward is a
@@ -48,16 +50,8 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
     """
     if graphs and synced_gpus:
         raise ValueError("CUDA-graph decoding cannot run with synced_gpus (ZeRO-3, FSDP).")
-    record = graphs and query_ids.is_cuda
-    if model.config.is_encoder_decoder and graphs:
-        step = seq2seq_steps(model, query_mask, encoder_hidden, max_new_tokens, with_hidden,
-                             record)
-    elif model.config.is_encoder_decoder:
-        step = _seq2seq_steps(model, query_mask, encoder_hidden, with_hidden)
-    elif graphs:
-        step = causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden, record)
-    else:
-        step = _causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden)
+    step = _steps(model, query_ids, query_mask, encoder_hidden, max_new_tokens, with_hidden,
+                  graphs)
     rows, device = query_ids.shape[0], query_ids.device
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     padding = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
@@ -84,6 +78,21 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
             break
     return Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1) if with_logprobs else None,
                    torch.stack(hidden, 1) if with_hidden else None)
+
+
+def _steps(model, query_ids: Tensor, query_mask: Tensor, encoder_hidden: Tensor | None,
+           max_new_tokens: int, with_hidden: bool, graphs: bool) -> Step:
+    """The step function for this architecture, over a static cache (recorded as a CUDA
+    graph on a GPU) with ``graphs``, over transformers' dynamic caches otherwise."""
+    record = graphs and query_ids.is_cuda
+    if model.config.is_encoder_decoder:
+        if graphs:
+            return seq2seq_steps(model, query_mask, encoder_hidden, max_new_tokens, with_hidden,
+                                 record)
+        return _seq2seq_steps(model, query_mask, encoder_hidden, with_hidden)
+    if graphs:
+        return causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden, record)
+    return _causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden)
 
 
 def _everyone(stop: bool, device: torch.device) -> bool:
