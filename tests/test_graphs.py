@@ -1,7 +1,8 @@
 """Decoding over a static KV cache, the steps a GPU records as CUDA graphs.
 
 On the CPU the static steps run eagerly, so their cache, positions and 4D masks are checked
-here against the dynamic cache's loop on the tiny T5 and GPT-2: the same tokens (greedy
+here against the dynamic cache's loop on the tiny T5 and GPT-2 (and a tiny BART built
+here): the same tokens (greedy
 and sampled, with rows that end early and left-padded prompts) and the same log-probs and
 hidden states within 1e-5. Where a CUDA device is present, the recorded and replayed path
 of ``Policy.generate`` is checked the same way, and that it did replay a graph.
@@ -41,6 +42,33 @@ def test_static_steps_decode_as_the_dynamic_cache(eos_policy, do_sample):  # noq
     if do_sample:  # rows that ended and rows that did not, so padding after EOS is covered
         ended = (dynamic.tokens == EOS).any(1)
         assert ended.any() and not ended.all()
+    torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(static.hidden, dynamic.hidden, atol=1e-5, rtol=0)
+
+
+def test_static_steps_decode_bart_as_the_dynamic_cache():
+    """BART's decoder counts its learned positions from the cache's length, not from ids."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=2, eos_token_id=EOS,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(config).eval()
+    q = torch.randint(3, 100, (4, 9))
+    qm = torch.ones_like(q)
+    qm[1, 6:], qm[3, 4:] = 0, 0                                   # right-padded prompts
+    encoder_hidden = model.get_encoder()(input_ids=q, attention_mask=qm).last_hidden_state
+    sampling = SamplingConfig(top_p=0.9)
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        runs.append(decode(model, q, qm, sampling, NEW_TOKENS, 2, EOS, 0, encoder_hidden,
+                           with_logprobs=True, with_hidden=True, graphs=graphs))
+    dynamic, static = runs
+    assert torch.equal(static.tokens, dynamic.tokens)
     torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(static.hidden, dynamic.hidden, atol=1e-5, rtol=0)
 
