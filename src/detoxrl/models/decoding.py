@@ -16,12 +16,12 @@ stopped, as ``generate(synced_gpus=True)`` does.
 
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .generation import last_logit_only, real_positions
 from .graphs import Step, causal_steps, seq2seq_steps
 from .sampler import sample_next
 
@@ -116,9 +116,8 @@ def _causal_steps(model, query_ids: Tensor, query_mask: Tensor, max_new_tokens: 
     cache = DynamicCache(config=model.config)
     width = query_ids.shape[1]
     mask = torch.cat([query_mask, query_mask.new_ones(query_mask.shape[0], max_new_tokens)], 1)
-    positions = (query_mask.cumsum(1) - 1).clamp(min=0)                          # (B, Q)
-    keep = ({"logits_to_keep": 1} if "logits_to_keep" in
-            inspect.signature(model.forward).parameters else {})
+    positions = real_positions(query_mask)                                        # (B, Q)
+    keep = last_logit_only(model)
     state = {"seen": width, "position": positions[:, -1:]}
 
     def step(new: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -12,6 +12,21 @@ import torch
 from torch import Tensor
 
 
+def real_positions(mask: Tensor) -> Tensor:
+    """(B, L) position ids counting real tokens only, for left-padded rows: a prompt's
+    positions (and log-probs) then do not depend on the longest prompt in its batch."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def last_logit_only(model) -> dict:
+    """``logits_to_keep=1`` where the model's forward takes it: a decoding step needs the
+    last position's logits only, and the LM head is the costliest layer per position."""
+    import inspect
+
+    return ({"logits_to_keep": 1} if "logits_to_keep" in
+            inspect.signature(model.forward).parameters else {})
+
+
 def draw_lengths(n: int, low: int, high: int, generator: torch.Generator) -> list[int]:
     """``n`` per-prompt ``max_new_tokens`` drawn uniformly from ``[low, high]``."""
     return torch.randint(low, high + 1, (n,), generator=generator).tolist()

@@ -17,16 +17,18 @@ The first step after the prompt runs eagerly (it warms up the kernels a recordin
 load); the second is recorded and every later one replayed. Each ``decode`` call records
 its own graph, so a graph never outlives the cache, batch or adapter setting it saw.
 With ``record=False`` the same steps run eagerly: on the CPU, and in the tests that check
-these steps give the dynamic cache's tokens and log-probs. Imports torch and transformers.
+these steps give the dynamic cache's tokens and log-probs. Imports torch, transformers and
+:mod:`detoxrl.models.generation`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .generation import last_logit_only, real_positions
 
 Step = Callable[[Tensor | None], tuple[Tensor, Tensor | None]]
 Run = Callable[[], tuple[Tensor, Tensor | None]]
@@ -81,13 +83,12 @@ def causal_steps(model, query_ids: Tensor, query_mask: Tensor, max_new_tokens: i
     keys = torch.cat([query_mask.bool(), query_mask.new_zeros(rows, max_new_tokens).bool()], 1)
     causal = torch.ones(width, length, dtype=torch.bool, device=keys.device).tril()   # (Q, L)
     prefill_mask = additive_mask(causal[None, None] & keys[:, None, None], dtype)    # (B,1,Q,L)
-    positions = (query_mask.cumsum(1) - 1).clamp(min=0)                               # (B, Q)
+    positions = real_positions(query_mask)                                            # (B, Q)
     ids = query_ids.new_zeros(rows, 1)                                                # (B, 1)
     position = positions[:, -1:].clone()                                              # (B, 1)
     mask = additive_mask(keys[:, None, None], dtype)                                  # (B,1,1,L)
     seen = {"n": width}
-    keep = ({"logits_to_keep": 1} if "logits_to_keep" in
-            inspect.signature(model.forward).parameters else {})
+    keep = last_logit_only(model)
 
     def forward(input_ids, attention_mask, position_ids) -> tuple[Tensor, Tensor | None]:
         out = model(input_ids=input_ids, attention_mask=attention_mask,

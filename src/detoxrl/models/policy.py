@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import LoraSettings, ModelConfig, SamplingConfig
 from ..errors import ConfigError
-from . import tiny
+from . import generation, tiny
 from .attention import no_cudnn_attention
 from .decoding import decode
 from .generation import beam_search, block_token, entropy_from_logits, response_mask
@@ -266,11 +266,9 @@ class Policy(nn.Module):
         return out.logits, out.decoder_hidden_states[-1]
 
     def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
-        # Queries are left-padded, so position ids count real tokens only; otherwise a
-        # prompt's positions (and log-probs) would depend on the longest prompt in the batch.
         input_ids = torch.cat([query_ids, response_ids], dim=1)                         # (B, Q+T)
         mask = torch.cat([query_mask, response_mask], dim=1)
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = generation.real_positions(mask)            # queries are left-padded
         q, t = query_ids.shape[1], response_ids.shape[1]
         # The lm_head is the costliest layer per position; only the last t + 1 are needed.
         keep = {"logits_to_keep": t + 1} if self._accepts_logits_to_keep else {}
