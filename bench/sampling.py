@@ -182,29 +182,25 @@ def make_modes(args, policy, ids, mask) -> dict:
     rl = SamplingConfig(min_length=t, top_p=1.0, top_k=0)
     ev = dataclasses.replace(rl, top_p=args.top_p)
 
-    def evaluate():
-        with policy.reference():
-            policy.generate(ids, mask, ev, [t] * len(ids), num_return_sequences=k,
-                            with_logprobs=True)
+    def rollout(sampling):
+        return lambda: policy.generate(rows_ids, rows_mask, sampling, [t] * len(rows_ids),
+                                       with_logprobs=True, with_values=True)
+
+    def evaluate(sampling):
+        def run():
+            with policy.reference():
+                policy.generate(ids, mask, sampling, [t] * len(ids), num_return_sequences=k,
+                                with_logprobs=True)
+        return run
 
     modes = {
         "floor": lambda: floor_loop(base, rows_ids, rows_mask, t),
-        "rollout": lambda: policy.generate(rows_ids, rows_mask, rl, [t] * len(rows_ids),
-                                           with_logprobs=True, with_values=True),
-        "evaluate": evaluate,
+        "rollout": rollout(rl),
+        "evaluate": evaluate(ev),
     }
     if ids.is_cuda:  # the same two paths with each step launched kernel by kernel
-        rl_eager = dataclasses.replace(rl, cuda_graphs=False)
-        ev_eager = dataclasses.replace(ev, cuda_graphs=False)
-        modes["rollout-eager"] = lambda: policy.generate(
-            rows_ids, rows_mask, rl_eager, [t] * len(rows_ids), with_logprobs=True,
-            with_values=True)
-
-        def evaluate_eager():
-            with policy.reference():
-                policy.generate(ids, mask, ev_eager, [t] * len(ids), num_return_sequences=k,
-                                with_logprobs=True)
-        modes["evaluate-eager"] = evaluate_eager
+        modes["rollout-eager"] = rollout(dataclasses.replace(rl, cuda_graphs=False))
+        modes["evaluate-eager"] = evaluate(dataclasses.replace(ev, cuda_graphs=False))
     if args.static:
         modes["floor-static"] = lambda: floor_loop(base, rows_ids, rows_mask, t, static=True)
     if not args.no_generate:
