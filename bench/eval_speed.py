@@ -3,7 +3,7 @@
 
     python bench/eval_speed.py --run runs/demo --before-src /tmp/before/src \
         [--after-src src] [--rounds 1] [--nontoxic all] [--toxic 100]
-        [--keep DIR] [--out bench/results/eval_speed.json]
+        [--toxic-label LABEL] [--keep DIR] [--out bench/results/eval_speed.json]
 
 ``--run``: a demo output folder (its ``3-rl`` run and ``0-data`` held-out prompts).
 Each round runs ``detoxrl evaluate`` with the demo's arguments (protocol rtp, 20 tokens, 25
@@ -13,7 +13,8 @@ source tree on ``PYTHONPATH``, in alternating order, each in its own
 process with one thread. Wall and CPU seconds (the child's user + system time, robust on a
 shared machine) per stage; the ratio after / before of their sums is the result.
 ``--keep DIR`` keeps every evaluation's output folder there (``<side>-<round>-<stage>``),
-e.g. to check that two trees report the same figures.
+e.g. to check that two trees report the same figures. ``--toxic-label`` is passed to both
+trees (an older one may not name the reward classifier's toxic label itself).
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--nontoxic", default=STAGES["nontoxic"], help="prompts: N or all")
     ap.add_argument("--toxic", default=STAGES["toxic"], help="prompts: N or all")
+    ap.add_argument("--toxic-label", default=None, help="passed as --toxic-label")
     ap.add_argument("--keep", type=Path, default=None, help="keep the output folders here")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
 
 
-def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Path) -> dict:
+def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Path,
+              toxic_label: str | None = None) -> dict:
     """One ``detoxrl evaluate`` in a child process: wall and CPU seconds."""
     argv = [sys.executable, "-m", "detoxrl", "evaluate", str(run / "3-rl"), "--protocol", "rtp",
             "--generation.min_length", "20", "--n", n, "--samples-per-prompt",
             str(samples), "--judge", "profanity-check", "--prompts",
             str(run / "0-data" / f"heldout-{part}.jsonl"), "--output", str(out_dir), "--quiet"]
+    if toxic_label:
+        argv += ["--toxic-label", toxic_label]
     env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 stages = {part: run_stage(sides[side], args.run, part, getattr(args, part),
-                                          args.samples_per_prompt, Path(tmp) / f"{side}-{r}-{part}")
+                                          args.samples_per_prompt, Path(tmp) / f"{side}-{r}-{part}",
+                                          args.toxic_label)
                           for part in STAGES}
                 runs[side].append(stages)
                 print(side, json.dumps(stages), flush=True)
