@@ -130,7 +130,8 @@ def default_cpu_threads() -> int:
 
 
 # glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+HEAP_STEP = 256 * 2**20  # the heap grows by this much more than asked: fewer, larger steps
 
 
 def reuse_freed_memory() -> bool:
@@ -139,11 +140,10 @@ def reuse_freed_memory() -> bool:
     glibc serves every block over 32 MiB with its own mmap and unmaps it on free, so each new
     vocabulary-sized tensor (a (B, T, V) logits or softmax) is paid for again in page faults:
     `detoxrl demo` spent 23% of its CPU time in the kernel (241 of 1,055 s). Served from
-    the heap instead (``M_MMAP_MAX`` 0) and never trimmed, freed blocks are reused: an
-    evaluation of 64 prompts x 25 samples took 45 s instead of 61 s (kernel time 1.5 s
-    instead of 14.9 s), with the same peak memory and byte-identical results
-    (docs/install.md, "Memory allocator"). Left alone when the allocator is another one
-    (``LD_PRELOAD``) or tuned through ``MALLOC_*`` variables.
+    the heap instead (``M_MMAP_MAX`` 0), never trimmed and grown in large steps, freed
+    blocks are reused, with byte-identical results (docs/install.md, "Memory allocator").
+    Left alone when the allocator is another one (``LD_PRELOAD``) or tuned through
+    ``MALLOC_*`` variables.
     """
     import ctypes
     import platform
@@ -156,6 +156,6 @@ def reuse_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    # The trim threshold as a C int: 2 GiB - 1 is the largest it takes.
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                   2**31 - 1))
+    # The trim threshold is a C int: 2 GiB - 1 is the largest it takes.
+    settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, HEAP_STEP))
+    return all(libc.mallopt(param, value) for param, value in settings)
