@@ -180,6 +180,26 @@ def test_rollout_keeps_the_encoder_output_and_forward_can_reuse_it(base_path):
     torch.testing.assert_close(reused.values, full.values, atol=1e-5, rtol=0)
 
 
+def test_unblocked_logprobs_read_while_sampling_and_scored_agree(base_path):
+    """Under min_length, the rollout's and forward's unblocked log-probs are the log-probs
+    of a pass with nothing blocked; the blocked ones stay those of the blocked pass."""
+    policy = load(base_path, value_head=False)
+    rows = [policy.tokenizer(p).input_ids for p in PROMPTS]
+    q, qm = pad_rows(rows, policy.tokenizer.pad_token_id, policy.padding_side)
+    torch.manual_seed(0)
+    batch = policy.generate(q, qm, SamplingConfig(min_length=3), LIMITS, with_logprobs=True)
+    assert batch.eos_blocked == 3
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        blocked = score(policy, batch, with_values=False, eos_blocked=3, with_unblocked=True)
+        free = score(policy, batch, with_values=False, eos_blocked=0)
+    for got in (blocked.unblocked_logprobs, batch.unblocked_logprobs):
+        torch.testing.assert_close(got[mask], free.logprobs[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.logprobs[mask], blocked.logprobs[mask], atol=1e-5, rtol=0)
+    assert (blocked.logprobs[:, :3] > free.logprobs[:, :3])[mask[:, :3]].all()
+    assert score(policy, batch, with_values=False).unblocked_logprobs is None
+
+
 def test_causal_forward_computes_only_the_response_logits(tiny_gpt2_path):
     policy = load(tiny_gpt2_path)
     assert policy._accepts_logits_to_keep          # GPT-2 takes logits_to_keep: it is used

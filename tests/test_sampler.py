@@ -184,3 +184,30 @@ def test_underflowing_probabilities_still_give_exact_logprobs():
     assert drawn.tokens.item() == 1
     expected = torch.tensor([[float(torch.finfo(torch.float32).min), 0.0, -5.0]])
     torch.testing.assert_close(drawn.logprobs, expected.log_softmax(-1)[:, 1])
+
+
+def test_unblocked_logprobs_are_the_bare_distributions():
+    """With EOS blocked, the draw also reports each token's log-prob with nothing blocked:
+    log_softmax of the plain logits, from the blocked one without a second vocabulary pass
+    (generation.unblock); with nothing blocked the two are the same tensor."""
+    from detoxrl.models.generation import unblock
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(256, 40, generator=gen) * 3
+    logits[:8, 3] = 12.0                                        # EOS very likely in a few rows
+    for temperature in (1.0, 0.7):
+        drawn = sample_next(logits, temperature, eos_token_id=3, eos_blocked=True,
+                            generator=gen)
+        assert not (drawn.tokens == 3).any()
+        expected = (logits / temperature).log_softmax(-1).gather(1, drawn.tokens[:, None])
+        torch.testing.assert_close(drawn.unblocked_logprobs, expected.squeeze(1), atol=1e-5,
+                                   rtol=0)
+        assert (drawn.unblocked_logprobs <= drawn.logprobs).all()
+        assert (drawn.unblocked_logprobs[:8] < drawn.logprobs[:8] - 1).all()
+    free = sample_next(logits, eos_token_id=3, eos_blocked=False, generator=gen)
+    assert free.unblocked_logprobs is free.logprobs
+    # By hand: logits (0, 0, log 2) with token 2 = EOS blocked; token 0 has p_b = 1/2 and,
+    # unblocked, 1 / (1 + 1 + 2) = 1/4.
+    got = unblock(torch.tensor([-math.log(2.0)]), torch.tensor([0.0]),
+                  torch.tensor([math.log(2.0)]))
+    torch.testing.assert_close(got, torch.tensor([-math.log(4.0)]))

@@ -30,6 +30,7 @@ class Decoded(NamedTuple):
     tokens: Tensor              # (B, T) new tokens, pad after EOS; T <= max_new_tokens
     logprobs: Tensor | None     # (B, T) each token's log-prob at the temperature, EOS blocked
     hidden: Tensor | None       # (B, T, H) the last hidden state that predicted each token
+    unblocked_logprobs: Tensor | None = None  # (B, T) the log-probs with nothing blocked
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
     rows, device = query_ids.shape[0], query_ids.device
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     padding = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
-    tokens, logprobs, hidden = [], [], []
+    tokens, logprobs, unblocked, hidden = [], [], [], []
     new, t = None, 0
     while True:
         logits, last_hidden = step(new)                                  # (B, V), (B, H)
@@ -65,6 +66,7 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
             new = torch.where(done, padding, drawn.tokens)                   # (B,)
             tokens.append(new)
             logprobs.append(drawn.logprobs)
+            unblocked.append(drawn.unblocked_logprobs)
             hidden.append(last_hidden)
             if eos_token_id is not None:
                 done = done | (new == eos_token_id)
@@ -76,8 +78,13 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
             stop = _everyone(stop, device)
         if stop:
             break
-    return Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1) if with_logprobs else None,
-                   torch.stack(hidden, 1) if with_hidden else None)
+    return Decoded(torch.stack(tokens, 1), _stacked(logprobs, with_logprobs),
+                   _stacked(hidden, with_hidden), _stacked(unblocked, with_logprobs))
+
+
+def _stacked(steps: list[Tensor], wanted: bool) -> Tensor | None:
+    """(B, T, ...) from T per-step (B, ...) tensors, or None when not asked for."""
+    return torch.stack(steps, 1) if wanted else None
 
 
 def _steps(model, query_ids: Tensor, query_mask: Tensor, encoder_hidden: Tensor | None,

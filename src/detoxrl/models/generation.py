@@ -88,6 +88,20 @@ def block_token(logits: Tensor, token_id: int, first_n: int) -> Tensor:
     return blocked
 
 
+def unblock(logprobs: Tensor, token_logits: Tensor, eos_logits: Tensor) -> Tensor:
+    """The log-probs of tokens drawn under :func:`block_token` in the model's own, unblocked
+    distribution: what a language model scores them as, for measures that use the LM itself.
+
+    With EOS blocked, log p_b(y) = z_y - log Z_b, where Z_b sums e^z over every token but EOS.
+    Unblocked, log p(y) = z_y - log(Z_b + e^{z_EOS}) = log p_b(y) - softplus(z_EOS - log Z_b),
+    and log Z_b = z_y - log p_b(y): no second pass over the vocabulary. ``logprobs`` are the
+    blocked log-probs of tokens other than EOS, ``token_logits`` their logits z_y and
+    ``eos_logits`` z_EOS, at the same temperature and of one shape.
+    """
+    log_z = token_logits - logprobs
+    return logprobs - torch.nn.functional.softplus(eos_logits - log_z)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """H = logsumexp(z) - sum_v softmax(z)_v z_v, (..., V) -> (...).
 

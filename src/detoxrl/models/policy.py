@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import generation, tiny
 from .attention import no_cudnn_attention
 from .decoding import decode
-from .generation import beam_search, block_token, entropy_from_logits, response_mask
+from .generation import beam_search, block_token, entropy_from_logits, response_mask, unblock
 from .loading import (
     adapter_errors,
     ensure_pad_token,
@@ -64,6 +64,16 @@ class PolicyOutput(NamedTuple):
     logprobs: Tensor              # (B, T) log-prob of each response token at the temperature
     values: Tensor | None         # (B, T) value before each response token
     entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
+    unblocked_logprobs: Tensor | None = None  # (B, T) log-probs with EOS not blocked
+
+
+def _unblocked(logprobs: Tensor, seen: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``logprobs`` (B, T) with the first positions, where EOS was blocked, scored without
+    the block from ``seen``: the (B, N) logits of their tokens and of EOS."""
+    if seen is None:
+        return logprobs
+    n = seen[0].shape[1]
+    return torch.cat([unblock(logprobs[:, :n], *seen), logprobs[:, n:]], dim=1)
 
 
 class Policy(nn.Module):
@@ -203,13 +213,16 @@ class Policy(nn.Module):
     def forward(self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
                 response_mask: Tensor, temperature: float = 1.0, with_values: bool = True,
                 with_entropy: bool = False, encoder_hidden: Tensor | None = None,
-                eos_blocked: int = 0) -> PolicyOutput:
+                eos_blocked: int = 0, with_unblocked: bool = False) -> PolicyOutput:
         """Per-token log-probs (and values, entropy) of ``response_ids`` given the queries.
 
         Shapes: queries (B, Q), responses (B, T); every output is (B, T). Positions outside
         ``response_mask`` hold finite but meaningless numbers; callers mask them.
         ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
         under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
+        ``with_unblocked``: also the log-probs with EOS allowed everywhere (the bare LM's,
+        :func:`~detoxrl.models.generation.unblock`); an EOS where it was blocked stays
+        impossible there.
         """
         with self._checkpointing(), no_cudnn_attention(query_ids.device):
             if self.is_seq2seq:
@@ -221,8 +234,15 @@ class Policy(nn.Module):
         logits = logits.float()                                             # (B, T, V)
         if temperature != 1.0:
             logits = logits / temperature
+        eos = self.tokenizer.eos_token_id
+        seen = None  # the token's and EOS's logits where EOS is blocked, before the block
+        if with_unblocked and eos_blocked > 0 and eos is not None:
+            # copies, not views: a view would keep the whole (B, T, V) logits alive
+            seen = (logits[:, :eos_blocked].gather(-1, response_ids[:, :eos_blocked, None]
+                                                   ).squeeze(-1),
+                    logits[:, :eos_blocked, eos].clone())
         # The distribution generate sampled from: EOS blocked at the first positions.
-        logits = block_token(logits, self.tokenizer.eos_token_id, eos_blocked)
+        logits = block_token(logits, eos, eos_blocked)
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         if with_values and self.value_head is None:
@@ -233,7 +253,8 @@ class Policy(nn.Module):
         if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
-        return PolicyOutput(token_logprobs, values, entropy)
+        free = _unblocked(token_logprobs, seen) if with_unblocked else None
+        return PolicyOutput(token_logprobs, values, entropy, free)
 
     @contextmanager
     def _checkpointing(self):
@@ -299,7 +320,8 @@ class Policy(nn.Module):
         ``with_logprobs``: ``Rollout.logprobs`` holds each sampled token's log-prob at
         ``sampling.temperature``, read while sampling (``decoding.decode``), and
         ``with_values`` adds ``Rollout.values`` from the same pass: what ``forward`` would
-        give, up to float rounding, without a second pass. The encoder output, kept
+        give, up to float rounding, without a second pass. ``Rollout.unblocked_logprobs``
+        come with them: the same tokens scored with EOS allowed. The encoder output, kept
         otherwise for that pass, is then dropped.
         """
         if limits is None:
@@ -322,9 +344,9 @@ class Policy(nn.Module):
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
         eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
-        response, logprobs, hidden = self._decode(query_ids, query_mask, sampling, max(limits),
-                                                  eos_blocked, encoder_hidden, with_logprobs,
-                                                  with_values, synced_gpus)
+        response, logprobs, hidden, unblocked = self._decode(
+            query_ids, query_mask, sampling, max(limits), eos_blocked, encoder_hidden,
+            with_logprobs, with_values, synced_gpus)
         limit_t = torch.tensor(limits, device=response.device)
         mask, ended = response_mask(response, limit_t, tok.eos_token_id)
         response = torch.where(mask.bool(), response, tok.pad_token_id)
@@ -334,11 +356,12 @@ class Policy(nn.Module):
         if with_logprobs:
             if logprobs is None:  # beam search: scored by a forward pass
                 out = self(query_ids, query_mask, response, mask, sampling.temperature,
-                           with_values, encoder_hidden=encoder_hidden, eos_blocked=eos_blocked)
-                logprobs, values = out.logprobs, out.values
+                           with_values, encoder_hidden=encoder_hidden, eos_blocked=eos_blocked,
+                           with_unblocked=True)
+                logprobs, values, unblocked = out.logprobs, out.values, out.unblocked_logprobs
             else:
                 values = None if hidden is None else self.value_head(hidden)
-            read = {"logprobs": logprobs * mask,
+            read = {"logprobs": logprobs * mask, "unblocked_logprobs": unblocked * mask,
                     "values": None if values is None else values * mask}
         return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response,
                        response_mask=mask, queries=list(queries),
@@ -347,8 +370,9 @@ class Policy(nn.Module):
 
     def _decode(self, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
                 encoder_hidden, with_logprobs, with_values, synced_gpus):
-        """(B, T) new tokens, and with ``with_logprobs`` (B, T) log-probs and (values) the
-        (B, T, H) hidden states read while decoding; beam search reads none."""
+        """(B, T) new tokens, and with ``with_logprobs`` (B, T) log-probs, (values) the
+        (B, T, H) hidden states and the (B, T) unblocked log-probs read while decoding; beam
+        search reads none."""
         tok, base = self.tokenizer, self.model.get_base_model()
         if sampling.num_beams > 1:
             from transformers.modeling_outputs import BaseModelOutput
@@ -360,13 +384,13 @@ class Policy(nn.Module):
                                     **extra)
             # Seq2seq output starts with the decoder start token; causal with the query.
             start = 1 if self.is_seq2seq else query_ids.shape[1]
-            return sequences[:, start:], None, None
+            return sequences[:, start:], None, None, None
         with no_cudnn_attention(query_ids.device):
             out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
                          tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
                          with_logprobs and with_values, synced_gpus,
                          graphs=sampling.cuda_graphs and query_ids.is_cuda and not synced_gpus)
-        return out.tokens, out.logprobs, out.hidden
+        return out.tokens, out.logprobs, out.hidden, out.unblocked_logprobs
 
     # ------------------------------------------------------------------ parameters, saving
     def parameter_report(self, include_value_head: bool = True) -> tuple[int, int, float]:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PER_TOKEN_FIELDS = ("response_ids", "response_mask", "token_scores", "logprobs", "ref_logprobs",
-                    "values", "rewards", "advantages", "returns")
+PER_TOKEN_FIELDS = ("response_ids", "response_mask", "token_scores", "logprobs",
+                    "unblocked_logprobs", "ref_logprobs", "values", "rewards", "advantages",
+                    "returns")
 QUERY_FIELDS = ("query_ids", "query_mask", "encoder_hidden")
 
 
@@ -45,6 +46,8 @@ class Rollout:
     # ppo.prefix_shaping: the change each token made to the score, rl.math.prefix_shaped_scores
     token_scores: Tensor | None = None    # (B, T)
     logprobs: Tensor | None = None        # (B, T) log-probs under the rollout policy
+    # The same tokens' log-probs with EOS allowed everywhere: the bare LM's (evaluation).
+    unblocked_logprobs: Tensor | None = None  # (B, T)
     ref_logprobs: Tensor | None = None    # (B, T) log-probs under the reference policy
     values: Tensor | None = None          # (B, T) value predictions under the rollout policy
     rewards: Tensor | None = None         # (B, T) KL-shaped per-token rewards

@@ -25,7 +25,8 @@ cumulative sum of the block sums and the token in the float64 cumulative sum of 
 So float32 rounding never accumulates over more than one block.
 
 The log-prob of the sampled token is read from the same logits (at the temperature, with
-EOS blocked, not top-k/top-p filtered): what ``Policy.forward`` gives for that token.
+EOS blocked, not top-k/top-p filtered): what ``Policy.forward`` gives for that token. So is
+its log-prob with nothing blocked, the bare language model's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .generation import block_token
+from .generation import block_token, unblock
 
 BLOCK = 256          # tokens per block of the CDF inversion
 REJECTION_ROUNDS = 4  # nucleus draws before the sorting fallback (rows left: <= (1-p)^4)
@@ -44,6 +45,7 @@ REJECTION_ROUNDS = 4  # nucleus draws before the sorting fallback (rows left: <=
 class Draw(NamedTuple):
     tokens: Tensor      # (B,) sampled ids
     logprobs: Tensor    # (B,) their log-probs at the temperature, EOS blocked as sampled
+    unblocked_logprobs: Tensor  # (B,) the same with nothing blocked: the bare LM's
 
 
 def warp(logits: Tensor, temperature: float, eos_token_id: int | None,
@@ -131,7 +133,12 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = 0,
         if top_k:
             weights = probs.masked_fill(scored < top_k_floor(scored, top_k), 0.0)
         tokens = draw(weights, top_p, generator)
-    return Draw(tokens, token_logprobs(scored, probs, tokens))
+    logprobs = token_logprobs(scored, probs, tokens)
+    if not eos_blocked or eos_token_id is None:
+        return Draw(tokens, logprobs, logprobs)
+    eos = logits[:, eos_token_id].float() / temperature                        # (B,)
+    picked = scored.gather(1, tokens.unsqueeze(1)).squeeze(1)                   # (B,)
+    return Draw(tokens, logprobs, unblock(logprobs, picked, eos))
 
 
 def token_logprobs(scored: Tensor, probs: Tensor, tokens: Tensor) -> Tensor:
