@@ -38,6 +38,8 @@ import torch
 from ..errors import ConfigError
 
 REFERENCE = "reference policy (adapter off)"
+# Per response: its prompt's token ids, its own token ids, log p(response | prompt).
+Scored = tuple[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[float]]
 
 
 @dataclass
@@ -78,9 +80,10 @@ def reference_model(policy) -> FluencyModel:
 
 
 def pmi(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
-        batch_size: int = 64) -> np.ndarray:
-    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one."""
-    with_prompt = perplexities(fm, prompts, responses, batch_size)
+        batch_size: int = 64, scored: Scored | None = None) -> np.ndarray:
+    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one.
+    ``scored``: log p(response | prompt) known already (:func:`perplexities`)."""
+    with_prompt = perplexities(fm, prompts, responses, batch_size, scored)
     without = perplexities(fm, [""] * len(responses), responses, batch_size)
     return np.log(without) - np.log(with_prompt)
 
@@ -106,17 +109,30 @@ def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[lis
 
 @torch.no_grad()
 def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
-                 batch_size: int = 16) -> np.ndarray:
-    """``(N,)`` perplexity of each response given its prompt; NaN for an empty response."""
+                 batch_size: int = 16, scored: Scored | None = None) -> np.ndarray:
+    """``(N,)`` perplexity of each response given its prompt; NaN for an empty response.
+
+    ``scored``: per response, the prompt's and the response's token ids and the summed
+    log-likelihood this very model gave the response given the prompt (the evaluation reads
+    it from its sampling and reference passes). Where this tokenizer maps the prompt and the
+    response text to those same ids, that is the pass this function would make, so it is
+    taken instead; the other rows (a text that tokenizes differently) get the pass.
+    """
     tok = fm.tokenizer
     targets = encode_responses(tok, responses, fm.name)
     contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
     out = np.full(len(targets), np.nan)
+    todo = list(range(len(targets)))
+    if scored is not None:
+        known = _known_rows(fm, contexts, targets, scored)
+        for i, loglik in known.items():
+            out[i] = np.exp(-loglik / len(targets[i]))
+        todo = [i for i in todo if i not in known]
     device = next(fm.model.parameters()).device
     # Batches of rows with similar prompt and response lengths: a batch's width is its
     # longest row, and a causal LM's logits start at its shortest prompt, so mixed lengths
     # would mostly compute padding.
-    order = sorted(range(len(targets)), key=lambda i: (len(contexts[i]), len(targets[i])))
+    order = sorted(todo, key=lambda i: (len(contexts[i]), len(targets[i])))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -125,6 +141,20 @@ def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[s
             ok = counts > 0
             out[np.asarray(rows)[ok]] = np.exp(nll[ok] / counts[ok])
     return out
+
+
+def _known_rows(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
+                scored: Scored) -> dict[int, float]:
+    """Row -> the scored log-likelihood, for the rows a pass here would score identically:
+    the same prompt and response ids, nothing cut to the model's positions, a non-empty
+    prompt and response."""
+    limit = _max_positions(fm.model.config)
+    known = {}
+    for i, (c, x, loglik) in enumerate(zip(*scored, strict=True)):
+        fits = (len(c) <= limit and len(x) <= limit) if fm.is_seq2seq else len(c) + len(x) <= limit
+        if c and x and fits and c == contexts[i] and x == targets[i] and np.isfinite(loglik):
+            known[i] = loglik
+    return known
 
 
 def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],

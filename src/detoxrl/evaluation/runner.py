@@ -132,13 +132,18 @@ def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[
 def measure_topicality(policy, gen: Generations, batch_size: int = 64
                        ) -> dict[str, list[float]]:
     """Per response, before and after: its PMI with its prompt under the starting policy
-    (:func:`detoxrl.evaluation.fluency.pmi`)."""
+    (:func:`detoxrl.evaluation.fluency.pmi`). Its term given the prompt comes from the
+    generation's own passes wherever the response text tokenizes back to its tokens."""
     from .fluency import pmi, reference_model
 
     queries, fm = gen.sample_queries, reference_model(policy)
+    prompt_ids = [ids for ids in gen.prompt_ids for _ in range(gen.k)]
+    sides = (("before", gen.before, gen.ids_before, gen.loglik_before),
+             ("after", gen.after, gen.ids_after, gen.loglik_after))
     with policy.reference():
-        return {side: pmi(fm, queries, texts, batch_size).tolist()
-                for side, texts in (("before", gen.before), ("after", gen.after))}
+        return {side: pmi(fm, queries, texts, batch_size,
+                          (prompt_ids, ids, loglik) if ids else None).tolist()
+                for side, texts, ids, loglik in sides}
 
 
 def judge_floors(clean: list[tuple[str, str]], scorers: dict[str, dict[str, Any]], jobs,

@@ -44,6 +44,15 @@ class Generations:
     ref_perplexity_after: list[float] = dataclasses.field(default_factory=list)
     tokens_before: list[int] = dataclasses.field(default_factory=list)  # generated, no EOS
     tokens_after: list[int] = dataclasses.field(default_factory=list)
+    # Per response, the reference policy's log-likelihood of its generated tokens (EOS not
+    # counted) given its prompt, as a bare LM (nothing blocked, temperature 1): the
+    # topicality's conditional term, read from the passes above. ``scored_ids``: per prompt,
+    # its token ids as the policy read them; per response, the token ids scored.
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    ids_before: list[list[int]] = dataclasses.field(default_factory=list)
+    ids_after: list[list[int]] = dataclasses.field(default_factory=list)
+    loglik_before: list[float] = dataclasses.field(default_factory=list)
+    loglik_after: list[float] = dataclasses.field(default_factory=list)
     k: int = 1                       # samples per prompt
 
     @property
@@ -77,7 +86,8 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
         kl_temperature = None
     device = next(policy.parameters()).device
     out = Generations(list(rows["id"]), list(rows["query"]), list(rows["references"]), [], [],
-                      [] if kl_temperature is not None else None, k=k)
+                      [] if kl_temperature is not None else None,
+                      prompt_ids=[list(x) for x in rows["input_ids"]], k=k)
     # Log-probs read while sampling (at the sampling temperature) replace forward passes:
     # the reference's own at T = 1 are the "before" perplexity, the policy's the KL's.
     read_before = sampling.temperature == 1.0
@@ -94,35 +104,60 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
             before = policy.generate(q, qm, sampling, limits, batch["query"],
                                      num_return_sequences=k, with_logprobs=read_before)
         torch.manual_seed(seed + b)
-        after = (best_of_n(policy, q, qm, sampling, limits, batch["query"], k, best_of, rerank)
+        after = (best_of_n(policy, q, qm, sampling, limits, batch["query"], k, best_of, rerank,
+                           read_before)
                  if best_of else policy.generate(q, qm, sampling, limits, batch["query"],
                                                  num_return_sequences=k,
                                                  with_logprobs=read_after))
-        out.before += before.responses
-        out.after += after.responses
-        out.tokens_before += generated_lengths(before)
-        out.tokens_after += generated_lengths(after)
-        ref_before = before.logprobs if read_before else reference_logprobs(policy, before, 1.0)
-        ref_after = reference_logprobs(policy, after, 1.0)                     # (B, T)
-        out.ref_perplexity_before += perplexity(ref_before, before.response_mask).tolist()
-        out.ref_perplexity_after += perplexity(ref_after, after.response_mask).tolist()
+        _record(out, "before", before, reference_scores(policy, before, read_before))
+        ref_after = reference_scores(policy, after, bool(best_of) and read_before)
+        _record(out, "after", after, ref_after)
         if out.kl is not None:  # at T = 1 the reference pass above serves the KL too
-            ref = (ref_after if kl_temperature == 1.0
+            ref = (ref_after[0] if kl_temperature == 1.0
                    else reference_logprobs(policy, after, kl_temperature))
             out.kl += sequence_kl(policy, after, kl_temperature, ref,
                                   after.logprobs if read_after else None).tolist()
     return out
 
 
+def reference_scores(policy, rollout, read: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference policy's ``(B, T)`` log-probs of the rollout's tokens at T = 1, with
+    EOS blocked as sampled and with nothing blocked: ``read`` from the rollout (the
+    reference sampled it at T = 1 with log-probs), else from one forward pass."""
+    if read:
+        return rollout.logprobs, rollout.unblocked_logprobs
+    with policy.reference():
+        out = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                     rollout.response_mask, 1.0, with_values=False,
+                     eos_blocked=rollout.eos_blocked, with_unblocked=True)
+    return out.logprobs, out.unblocked_logprobs
+
+
+def _record(out: Generations, side: str, rollout, ref: tuple[torch.Tensor, torch.Tensor]
+            ) -> None:
+    """Append one side's responses, lengths, reference perplexities and log-likelihoods."""
+    lengths = generated_lengths(rollout)
+    ids = rollout.response_ids.cpu().tolist()
+    unblocked = ref[1].cpu()                                                    # (B, T)
+    getattr(out, side).extend(rollout.responses)
+    getattr(out, f"tokens_{side}").extend(lengths)
+    getattr(out, f"ref_perplexity_{side}").extend(
+        perplexity(ref[0], rollout.response_mask).tolist())
+    getattr(out, f"ids_{side}").extend(row[:n] for row, n in zip(ids, lengths, strict=True))
+    getattr(out, f"loglik_{side}").extend(
+        float(unblocked[i, :n].double().sum()) for i, n in enumerate(lengths))
+
+
 @torch.no_grad()
 def best_of_n(policy, query_ids, query_mask, sampling: SamplingConfig, limits: list[int],
               queries: list[str], k: int, n: int,
-              rerank: Callable[[list[str], list[str]], Any]):
+              rerank: Callable[[list[str], list[str]], Any], with_logprobs: bool = False):
     """K responses per prompt from the reference policy, each the highest-``rerank`` of N
-    samples (the first on ties): rows ``i*K .. i*K + K-1`` as :meth:`Policy.generate`."""
+    samples (the first on ties): rows ``i*K .. i*K + K-1`` as :meth:`Policy.generate`,
+    which reads their log-probs while sampling with ``with_logprobs``."""
     with policy.reference():
         drawn = policy.generate(query_ids, query_mask, sampling, limits, queries,
-                                num_return_sequences=k * n)
+                                num_return_sequences=k * n, with_logprobs=with_logprobs)
     from .stats import as_array
 
     groups = as_array(rerank(drawn.queries, drawn.responses)).reshape(-1, n)  # (B*K, N)
