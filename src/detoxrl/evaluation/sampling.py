@@ -44,10 +44,10 @@ class Generations:
     ref_perplexity_after: list[float] = dataclasses.field(default_factory=list)
     tokens_before: list[int] = dataclasses.field(default_factory=list)  # generated, no EOS
     tokens_after: list[int] = dataclasses.field(default_factory=list)
-    # Per response, the reference policy's log-likelihood of its generated tokens (EOS not
-    # counted) given its prompt, as a bare LM (nothing blocked, temperature 1): the
-    # topicality's conditional term, read from the passes above. ``scored_ids``: per prompt,
-    # its token ids as the policy read them; per response, the token ids scored.
+    # The topicality's term given the prompt, from the passes above: per response, its
+    # generated token ids (EOS not counted) and their log-likelihood given the prompt under
+    # the reference policy as a bare LM (nothing blocked, temperature 1); per prompt, its
+    # token ids as the policy read them.
     prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
     ids_before: list[list[int]] = dataclasses.field(default_factory=list)
     ids_after: list[list[int]] = dataclasses.field(default_factory=list)
