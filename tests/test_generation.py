@@ -267,19 +267,30 @@ def test_generate_keeps_given_queries_and_default_limit(eos_policy):
 
 def test_generate_k_samples_per_prompt_equals_repeated_prompts(eos_policy):
     """K samples per prompt in one call: rows i*K..i*K+K-1 answer prompt i, exactly as
-    a batch holding each prompt K times would (same seed, same sampler)."""
+    a batch holding each prompt K times would (same seed, same sampler). A causal LM reads
+    each prompt once and copies its cache."""
     k, limits = 3, [4, 9, 9, 9]
     q, qm = encode(eos_policy, PROMPTS)
-    sampling = SamplingConfig(min_length=0)
+    sampling = SamplingConfig(min_length=2)
+    embed = eos_policy.model.get_base_model().get_input_embeddings()
+    rows_read = []
+    hook = embed.register_forward_hook(lambda m, args, out: rows_read.append(args[0].shape))
     torch.manual_seed(5)
     grouped = eos_policy.generate(q, qm, sampling, limits, queries=list("abcd"),
-                                  num_return_sequences=k)
+                                  num_return_sequences=k, with_logprobs=True)
+    hook.remove()
     torch.manual_seed(5)
     repeated = eos_policy.generate(q.repeat_interleave(k, 0), qm.repeat_interleave(k, 0),
-                                   sampling, [n for n in limits for _ in range(k)])
+                                   sampling, [n for n in limits for _ in range(k)],
+                                   with_logprobs=True)
     assert len(grouped) == 4 * k and grouped.queries == [c for c in "abcd" for _ in range(k)]
     assert torch.equal(grouped.response_ids, repeated.response_ids)
     assert torch.equal(grouped.response_mask, repeated.response_mask)
+    for name in ("logprobs", "unblocked_logprobs"):
+        torch.testing.assert_close(getattr(grouped, name), getattr(repeated, name),
+                                   atol=1e-5, rtol=0)
+    if not eos_policy.is_seq2seq:
+        assert rows_read[0] == q.shape and rows_read[1] == (4 * k, 1)
     assert (grouped.response_mask[:k].sum(1) <= 4).all()            # prompt 0's own limit
     assert len(set(grouped.responses[k:2 * k])) > 1                 # K draws, not K copies
     with pytest.raises(Exception, match="num_return_sequences"):

@@ -37,8 +37,8 @@ class Decoded(NamedTuple):
 def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_tokens: int,
            eos_blocked: int, eos_token_id: int | None, pad_token_id: int,
            encoder_hidden: Tensor | None = None, with_logprobs: bool = False,
-           with_hidden: bool = False, synced_gpus: bool = False, graphs: bool = False
-           ) -> Decoded:
+           with_hidden: bool = False, synced_gpus: bool = False, graphs: bool = False,
+           repeats: int = 1) -> Decoded:
     """Up to ``max_new_tokens`` new tokens per query row.
 
     ``model``: a transformers LM (LoRA layers may sit inside it). Causal queries are
@@ -48,12 +48,20 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
     ``graphs``: step over a static cache (:mod:`detoxrl.models.graphs`), replayed as a CUDA
     graph on a GPU and run eagerly elsewhere. Not under ``synced_gpus``, whose parameter
     gathering inside each step a graph cannot hold.
+    ``repeats``: causal only, every query row is answered ``repeats`` times (rows
+    ``i*repeats .. i*repeats + repeats-1`` of the output); the query is read once and its
+    cache copied, where repeating the rows first would read it ``repeats`` times.
     """
     if graphs and synced_gpus:
         raise ValueError("CUDA-graph decoding cannot run with synced_gpus (ZeRO-3, FSDP).")
+    if repeats > 1 and (graphs or model.config.is_encoder_decoder):
+        # The static cache is sized for every row, and the encoder output comes repeated.
+        query_ids = query_ids.repeat_interleave(repeats, dim=0)
+        query_mask = query_mask.repeat_interleave(repeats, dim=0)
+        repeats = 1
     step = _steps(model, query_ids, query_mask, encoder_hidden, max_new_tokens, with_hidden,
-                  graphs)
-    rows, device = query_ids.shape[0], query_ids.device
+                  graphs, repeats)
+    rows, device = query_ids.shape[0] * repeats, query_ids.device
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     padding = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
     tokens, logprobs, unblocked, hidden = [], [], [], []
@@ -88,7 +96,7 @@ def _stacked(steps: list[Tensor], wanted: bool) -> Tensor | None:
 
 
 def _steps(model, query_ids: Tensor, query_mask: Tensor, encoder_hidden: Tensor | None,
-           max_new_tokens: int, with_hidden: bool, graphs: bool) -> Step:
+           max_new_tokens: int, with_hidden: bool, graphs: bool, repeats: int = 1) -> Step:
     """The step function for this architecture, over a static cache (recorded as a CUDA
     graph on a GPU) with ``graphs``, over transformers' dynamic caches otherwise."""
     record = graphs and query_ids.is_cuda
@@ -99,7 +107,7 @@ def _steps(model, query_ids: Tensor, query_mask: Tensor, encoder_hidden: Tensor 
         return _seq2seq_steps(model, query_mask, encoder_hidden, with_hidden)
     if graphs:
         return causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden, record)
-    return _causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden)
+    return _causal_steps(model, query_ids, query_mask, max_new_tokens, with_hidden, repeats)
 
 
 def _everyone(stop: bool, device: torch.device) -> bool:
@@ -112,32 +120,40 @@ def _everyone(stop: bool, device: torch.device) -> bool:
 
 
 def _causal_steps(model, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int,
-                  with_hidden: bool) -> Step:
+                  with_hidden: bool, repeats: int = 1) -> Step:
     """The step of a decoder-only LM: the whole query first, then one token per call.
 
     Position ids count real tokens only (left padding), as ``Policy.forward`` counts them, so
-    a prompt's log-probs do not depend on the longest prompt in the batch.
+    a prompt's log-probs do not depend on the longest prompt in the batch. With ``repeats``
+    the query's pass and cache are copied to its rows after the first call.
     """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     width = query_ids.shape[1]
     mask = torch.cat([query_mask, query_mask.new_ones(query_mask.shape[0], max_new_tokens)], 1)
+    mask = mask.repeat_interleave(repeats, dim=0)                              # (B*K, Q+T)
     positions = real_positions(query_mask)                                        # (B, Q)
     keep = last_logit_only(model)
-    state = {"seen": width, "position": positions[:, -1:]}
+    state = {"seen": width, "position": positions[:, -1:].repeat_interleave(repeats, dim=0)}
 
     def step(new: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if new is None:
-            ids, pos = query_ids, positions
+            ids, pos, seen = query_ids, positions, query_mask
         else:
             ids, pos = new.unsqueeze(1), state["position"] + 1
             state["seen"] += 1
             state["position"] = pos
-        out = model(input_ids=ids, attention_mask=mask[:, :state["seen"]], position_ids=pos,
-                    cache=cache, use_cache=True, output_hidden_states=with_hidden, **keep)
+            seen = mask[:, :state["seen"]]
+        out = model(input_ids=ids, attention_mask=seen, position_ids=pos, cache=cache,
+                    use_cache=True, output_hidden_states=with_hidden, **keep)
+        logits = out.logits[:, -1]                                               # (B, V)
         last = out.hidden_states[-1][:, -1] if with_hidden else None
-        return out.logits[:, -1], last
+        if new is None and repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits = logits.repeat_interleave(repeats, dim=0)                    # (B*K, V)
+            last = None if last is None else last.repeat_interleave(repeats, dim=0)
+        return logits, last
 
     return step
 

@@ -337,16 +337,16 @@ class Policy(nn.Module):
             encoder_hidden = self.model.get_encoder()(
                 input_ids=query_ids, attention_mask=query_mask).last_hidden_state  # (B, Q, H)
             encoder_hidden = encoder_hidden.repeat_interleave(k, dim=0)          # (B*K, Q, H)
+        eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
+        response, logprobs, hidden, unblocked = self._decode(
+            query_ids, query_mask, k, sampling, max(limits), eos_blocked, encoder_hidden,
+            with_logprobs, with_values, synced_gpus)
         if k > 1:
             query_ids = query_ids.repeat_interleave(k, dim=0)                    # (B*K, Q)
             query_mask = query_mask.repeat_interleave(k, dim=0)
             limits = [n for n in limits for _ in range(k)]
             if queries is not None:
                 queries = [q for q in queries for _ in range(k)]
-        eos_blocked = min(sampling.min_length, min(limits))  # generate's min_new_tokens
-        response, logprobs, hidden, unblocked = self._decode(
-            query_ids, query_mask, sampling, max(limits), eos_blocked, encoder_hidden,
-            with_logprobs, with_values, synced_gpus)
         limit_t = torch.tensor(limits, device=response.device)
         mask, ended = response_mask(response, limit_t, tok.eos_token_id)
         response = torch.where(mask.bool(), response, tok.pad_token_id)
@@ -368,13 +368,15 @@ class Policy(nn.Module):
                        responses=tok.batch_decode(response, skip_special_tokens=True),
                        ended_with_eos=ended, eos_blocked=eos_blocked, **read).trim()
 
-    def _decode(self, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
+    def _decode(self, query_ids, query_mask, k, sampling, max_new_tokens, eos_blocked,
                 encoder_hidden, with_logprobs, with_values, synced_gpus):
-        """(B, T) new tokens, and with ``with_logprobs`` (B, T) log-probs, (values) the
-        (B, T, H) hidden states and the (B, T) unblocked log-probs read while decoding; beam
-        search reads none."""
+        """(B*K, T) new tokens for the (B, Q) queries answered K times each, and with
+        ``with_logprobs`` (B*K, T) log-probs, (values) the (B*K, T, H) hidden states and the
+        (B*K, T) unblocked log-probs read while decoding; beam search reads none."""
         tok, base = self.tokenizer, self.model.get_base_model()
         if sampling.num_beams > 1:
+            query_ids = query_ids.repeat_interleave(k, dim=0)
+            query_mask = query_mask.repeat_interleave(k, dim=0)
             from transformers.modeling_outputs import BaseModelOutput
 
             extra = {} if encoder_hidden is None else {"encoder_outputs": BaseModelOutput(
@@ -389,7 +391,8 @@ class Policy(nn.Module):
             out = decode(base, query_ids, query_mask, sampling, max_new_tokens, eos_blocked,
                          tok.eos_token_id, tok.pad_token_id, encoder_hidden, with_logprobs,
                          with_logprobs and with_values, synced_gpus,
-                         graphs=sampling.cuda_graphs and query_ids.is_cuda and not synced_gpus)
+                         graphs=sampling.cuda_graphs and query_ids.is_cuda and not synced_gpus,
+                         repeats=k)
         return out.tokens, out.logprobs, out.hidden, out.unblocked_logprobs
 
     # ------------------------------------------------------------------ parameters, saving
