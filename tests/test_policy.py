@@ -200,6 +200,36 @@ def test_unblocked_logprobs_read_while_sampling_and_scored_agree(base_path):
     assert score(policy, batch, with_values=False).unblocked_logprobs is None
 
 
+def test_rows_sharing_a_query_read_it_once_with_the_same_scores(tiny_gpt2_path):
+    """K samples per prompt: without gradients the causal pass reads each distinct query
+    once (models.prefix) and gives the row-by-row pass's log-probs, values and unblocked
+    log-probs; with gradients it is the row-by-row pass."""
+    from detoxrl.models.prefix import query_groups
+
+    policy = load(tiny_gpt2_path)
+    rows = [policy.tokenizer(p).input_ids for p in PROMPTS]
+    q, qm = pad_rows(rows, policy.tokenizer.pad_token_id, policy.padding_side)
+    torch.manual_seed(0)
+    batch = policy.generate(q, qm, SamplingConfig(min_length=2), LIMITS,
+                            num_return_sequences=3)
+    assert query_groups(q, qm) is None
+    first, inverse = query_groups(batch.query_ids, batch.query_mask)
+    assert first.tolist() == [0, 3, 6] and inverse.tolist() == [i // 3 for i in range(9)]
+    embed = policy.model.get_base_model().get_input_embeddings()
+    read = []
+    hook = embed.register_forward_hook(lambda m, args, out: read.append(tuple(args[0].shape)))
+    kwargs = {"eos_blocked": 2, "with_unblocked": True}
+    with torch.no_grad():
+        shared = score(policy, batch, **kwargs)
+    hook.remove()
+    row_by_row = score(policy, batch, **kwargs)                 # gradients on: the plain pass
+    assert read[0] == (3, batch.query_ids.shape[1] - 1)           # the last token comes after
+    mask = batch.response_mask.bool()
+    for name in ("logprobs", "values", "unblocked_logprobs"):
+        torch.testing.assert_close(getattr(shared, name)[mask],
+                                   getattr(row_by_row, name).detach()[mask], atol=1e-5, rtol=0)
+
+
 def test_causal_forward_computes_only_the_response_logits(tiny_gpt2_path):
     policy = load(tiny_gpt2_path)
     assert policy._accepts_logits_to_keep          # GPT-2 takes logits_to_keep: it is used

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import LoraSettings, ModelConfig, SamplingConfig
 from ..errors import ConfigError
-from . import generation, tiny
+from . import generation, prefix, tiny
 from .attention import no_cudnn_attention
 from .decoding import decode
 from .generation import beam_search, block_token, entropy_from_logits, response_mask, unblock
@@ -287,6 +287,12 @@ class Policy(nn.Module):
         return out.logits, out.decoder_hidden_states[-1]
 
     def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
+        # Without gradients, rows sharing a query (K samples per prompt) read it once.
+        groups = (None if torch.is_grad_enabled() or self._checkpointed_layers
+                  or query_ids.shape[1] < 2 else prefix.query_groups(query_ids, query_mask))
+        if groups is not None:
+            return prefix.shared_query_logits(self.model.get_base_model(), query_ids,
+                                              query_mask, response_ids, response_mask, groups)
         input_ids = torch.cat([query_ids, response_ids], dim=1)                         # (B, Q+T)
         mask = torch.cat([query_mask, response_mask], dim=1)
         position_ids = generation.real_positions(mask)            # queries are left-padded
