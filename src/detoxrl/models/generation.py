@@ -102,6 +102,27 @@ def unblock(logprobs: Tensor, token_logits: Tensor, eos_logits: Tensor) -> Tenso
     return logprobs - torch.nn.functional.softplus(eos_logits - log_z)
 
 
+def blocked_columns(logits: Tensor, tokens: Tensor, token_id: int | None, first_n: int
+                    ) -> tuple[Tensor, Tensor] | None:
+    """What :func:`unblock_columns` needs from ``logits`` (B, T, V) before
+    :func:`block_token`: the (B, N) logits of ``tokens`` (B, T) and of ``token_id`` at the
+    first N = ``first_n`` positions; None when nothing is blocked."""
+    if first_n <= 0 or token_id is None:
+        return None
+    # copies, not views: a view would keep the whole (B, T, V) logits alive
+    picked = logits[:, :first_n].gather(-1, tokens[:, :first_n, None]).squeeze(-1)
+    return picked, logits[:, :first_n, token_id].clone()
+
+
+def unblock_columns(logprobs: Tensor, seen: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``logprobs`` (B, T) taken under :func:`block_token`, with the first positions, where
+    the token was blocked, scored without the block from ``seen`` (:func:`blocked_columns`)."""
+    if seen is None:
+        return logprobs
+    n = seen[0].shape[1]
+    return torch.cat([unblock(logprobs[:, :n], *seen), logprobs[:, n:]], dim=1)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """H = logsumexp(z) - sum_v softmax(z)_v z_v, (..., V) -> (...).
 

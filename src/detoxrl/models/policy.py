@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import generation, prefix, tiny
 from .attention import no_cudnn_attention
 from .decoding import decode
-from .generation import beam_search, block_token, entropy_from_logits, response_mask, unblock
+from .generation import beam_search, block_token, entropy_from_logits, response_mask
 from .loading import (
     adapter_errors,
     ensure_pad_token,
@@ -41,21 +41,7 @@ from .loading import (
 from .lora import default_lora, lora_targets
 from .quiet import peft_wrapping
 from .rollout import Rollout
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class ValueHead(nn.Module):
-    """A linear value estimate from the last hidden state; kept in fp32 for stable targets."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden: Tensor) -> Tensor:                 # (B, T, H) -> (B, T)
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+from .value_head import VALUE_HEAD_FILE, ValueHead
 
 
 class PolicyOutput(NamedTuple):
@@ -65,15 +51,6 @@ class PolicyOutput(NamedTuple):
     values: Tensor | None         # (B, T) value before each response token
     entropy: Tensor | None        # (B, T) entropy of each next-token distribution, no grad
     unblocked_logprobs: Tensor | None = None  # (B, T) log-probs with EOS not blocked
-
-
-def _unblocked(logprobs: Tensor, seen: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``logprobs`` (B, T) with the first positions, where EOS was blocked, scored without
-    the block from ``seen``: the (B, N) logits of their tokens and of EOS."""
-    if seen is None:
-        return logprobs
-    n = seen[0].shape[1]
-    return torch.cat([unblock(logprobs[:, :n], *seen), logprobs[:, n:]], dim=1)
 
 
 class Policy(nn.Module):
@@ -220,9 +197,8 @@ class Policy(nn.Module):
         ``response_mask`` hold finite but meaningless numbers; callers mask them.
         ``encoder_hidden`` (B, Q, H), seq2seq only: the encoder's output for these queries
         under the current weights (``Rollout.encoder_hidden``), which skips the encoder.
-        ``with_unblocked``: also the log-probs with EOS allowed everywhere (the bare LM's,
-        :func:`~detoxrl.models.generation.unblock`); an EOS where it was blocked stays
-        impossible there.
+        ``with_unblocked``: also the log-probs with EOS allowed everywhere, the bare LM's
+        (:func:`~detoxrl.models.generation.unblock`).
         """
         with self._checkpointing(), no_cudnn_attention(query_ids.device):
             if self.is_seq2seq:
@@ -235,12 +211,8 @@ class Policy(nn.Module):
         if temperature != 1.0:
             logits = logits / temperature
         eos = self.tokenizer.eos_token_id
-        seen = None  # the token's and EOS's logits where EOS is blocked, before the block
-        if with_unblocked and eos_blocked > 0 and eos is not None:
-            # copies, not views: a view would keep the whole (B, T, V) logits alive
-            seen = (logits[:, :eos_blocked].gather(-1, response_ids[:, :eos_blocked, None]
-                                                   ).squeeze(-1),
-                    logits[:, :eos_blocked, eos].clone())
+        seen = generation.blocked_columns(logits, response_ids, eos,
+                                          eos_blocked if with_unblocked else 0)
         # The distribution generate sampled from: EOS blocked at the first positions.
         logits = block_token(logits, eos, eos_blocked)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -253,7 +225,7 @@ class Policy(nn.Module):
         if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
-        free = _unblocked(token_logprobs, seen) if with_unblocked else None
+        free = generation.unblock_columns(token_logprobs, seen) if with_unblocked else None
         return PolicyOutput(token_logprobs, values, entropy, free)
 
     @contextmanager
@@ -320,15 +292,14 @@ class Policy(nn.Module):
 
         With ``num_return_sequences=K`` every prompt is answered K times in the same call:
         the rollout has B * K rows, prompt i's samples at rows i*K .. i*K + K-1, and
-        ``limits`` (one per prompt) and ``queries`` are repeated to match. The seq2seq
-        encoder still runs once per prompt.
+        ``limits`` (one per prompt) and ``queries`` are repeated to match. Each prompt is
+        read once (by the encoder, or into a causal LM's cache, then copied).
 
         ``with_logprobs``: ``Rollout.logprobs`` holds each sampled token's log-prob at
         ``sampling.temperature``, read while sampling (``decoding.decode``), and
         ``with_values`` adds ``Rollout.values`` from the same pass: what ``forward`` would
-        give, up to float rounding, without a second pass. ``Rollout.unblocked_logprobs``
-        come with them: the same tokens scored with EOS allowed. The encoder output, kept
-        otherwise for that pass, is then dropped.
+        give, up to float rounding, without a second pass, and ``Rollout.unblocked_logprobs``
+        with EOS allowed. The encoder output, kept otherwise for that pass, is then dropped.
         """
         if limits is None:
             limits = [sampling.max_new_tokens_draw] * query_ids.shape[0]
@@ -381,8 +352,7 @@ class Policy(nn.Module):
         (B*K, T) unblocked log-probs read while decoding; beam search reads none."""
         tok, base = self.tokenizer, self.model.get_base_model()
         if sampling.num_beams > 1:
-            query_ids = query_ids.repeat_interleave(k, dim=0)
-            query_mask = query_mask.repeat_interleave(k, dim=0)
+            query_ids, query_mask = (x.repeat_interleave(k, dim=0) for x in (query_ids, query_mask))
             from transformers.modeling_outputs import BaseModelOutput
 
             extra = {} if encoder_hidden is None else {"encoder_outputs": BaseModelOutput(

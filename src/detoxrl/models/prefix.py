@@ -20,12 +20,14 @@ from .generation import last_logit_only, real_positions
 
 
 def query_groups(query_ids: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(first, inverse)`` when some consecutive rows repeat a query: the row index of each
-    distinct query's first copy ``(U,)`` and each row's distinct query ``(B,)``; else None."""
+    """``(first, inverse)`` when consecutive rows repeat their queries, at least two rows per
+    distinct query on average: the row index of each distinct query's first copy ``(U,)``
+    and each row's distinct query ``(B,)``. None otherwise, where the extra pass over the
+    queries would cost more than it saves."""
     rows = torch.cat([query_ids, query_mask], dim=1)                            # (B, 2Q)
     _, inverse, counts = torch.unique_consecutive(rows, dim=0, return_inverse=True,
                                                   return_counts=True)
-    if counts.numel() == rows.shape[0]:
+    if 2 * counts.numel() > rows.shape[0]:
         return None
     return counts.cumsum(0) - counts, inverse
 
