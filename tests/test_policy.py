@@ -226,6 +226,13 @@ def test_rows_sharing_a_query_read_it_once_with_the_same_scores(tiny_gpt2_path):
     hook.remove()
     row_by_row = score(policy, batch, **kwargs)                 # gradients on: the plain pass
     assert read[0] == (3, batch.query_ids.shape[1] - 1)           # the last token comes after
+    policy.share_queries = False           # as under ZeRO-3/FSDP, where ranks must step together
+    read.clear()
+    hook = embed.register_forward_hook(lambda m, args, out: read.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        score(policy, batch, **kwargs)
+    hook.remove()
+    assert read == [(9, batch.query_ids.shape[1] + batch.response_ids.shape[1])]
     mask = batch.response_mask.bool()
     for name in ("logprobs", "values", "unblocked_logprobs"):
         torch.testing.assert_close(getattr(shared, name)[mask],

@@ -133,6 +133,7 @@ def test_old_and_ref_forward_matches_one_plain_pass(request, arch, from_rollout,
     cfg = _cfg(tmp_path, "--ppo.batch_size", "6", "--ppo.mini_batch_size", "2",
                "--ppo.forward_batch_size", chunk).finalize()
     trainer = Learner(cfg, policy, None, Accelerator(cpu=True), optimizer=None)
+    assert trainer.policy.share_queries                       # unsharded: ranks need not agree
     texts = [" ".join(["word"] * n) + " end" for n in (3, 40, 7, 25, 1, 12)]
     q, qm = collate_queries([policy.tokenizer(t).input_ids for t in texts],
                             policy.tokenizer.pad_token_id, policy.padding_side)

@@ -71,6 +71,7 @@ class Policy(nn.Module):
         forward_params = inspect.signature(peft_model.get_base_model().forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in forward_params
         self._checkpointed_layers: list[nn.Module] = []
+        self.share_queries = True  # models.prefix; off where every forward is a collective
         freeze_dropout(self)
 
     # ------------------------------------------------------------------ construction
@@ -259,9 +260,8 @@ class Policy(nn.Module):
         return out.logits, out.decoder_hidden_states[-1]
 
     def _causal_logits(self, query_ids, query_mask, response_ids, response_mask):
-        # Without gradients, rows sharing a query (K samples per prompt) read it once.
-        groups = (None if torch.is_grad_enabled() or self._checkpointed_layers
-                  or query_ids.shape[1] < 2 else prefix.query_groups(query_ids, query_mask))
+        groups = (prefix.query_groups(query_ids, query_mask) if self.share_queries and not
+                  (torch.is_grad_enabled() or self._checkpointed_layers) else None)
         if groups is not None:
             return prefix.shared_query_logits(self.model.get_base_model(), query_ids,
                                               query_mask, response_ids, response_mask, groups)

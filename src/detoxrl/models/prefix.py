@@ -23,7 +23,9 @@ def query_groups(query_ids: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]
     """``(first, inverse)`` when consecutive rows repeat their queries, at least two rows per
     distinct query on average: the row index of each distinct query's first copy ``(U,)``
     and each row's distinct query ``(B,)``. None otherwise, where the extra pass over the
-    queries would cost more than it saves."""
+    queries would cost more than it saves, and for one-token queries."""
+    if query_ids.shape[1] < 2:
+        return None
     rows = torch.cat([query_ids, query_mask], dim=1)                            # (B, 2Q)
     _, inverse, counts = torch.unique_consecutive(rows, dim=0, return_inverse=True,
                                                   return_counts=True)

@@ -55,6 +55,8 @@ class Learner:
         self.cfg, self.reward_fn, self.accelerator = cfg, reward_fn, accelerator
         self.model = policy                       # possibly DDP-wrapped by accelerate
         self.policy: Policy = accelerator.unwrap_model(policy)
+        # A rank reading shared queries once makes one more forward than one that does not.
+        self.policy.share_queries = not dist.shards_parameters(accelerator)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.kl_ctl = kl_controller(cfg.ppo)
         self.algorithm = make_algorithm(cfg, accelerator, self.kl_ctl)
