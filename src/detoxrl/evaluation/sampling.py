@@ -126,10 +126,7 @@ def reference_scores(policy, rollout, read: bool) -> tuple[torch.Tensor, torch.T
     reference sampled it at T = 1 with log-probs), else from one forward pass."""
     if read:
         return rollout.logprobs, rollout.unblocked_logprobs
-    with policy.reference():
-        out = policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
-                     rollout.response_mask, 1.0, with_values=False,
-                     eos_blocked=rollout.eos_blocked, with_unblocked=True)
+    out = _reference_pass(policy, rollout, 1.0, with_unblocked=True)
     return out.logprobs, out.unblocked_logprobs
 
 
@@ -173,10 +170,16 @@ def generated_lengths(rollout) -> list[int]:
 def reference_logprobs(policy, rollout, temperature: float) -> torch.Tensor:
     """Log-probs of the rollout's own token ids under the reference policy, ``(B, T)``,
     under the sampler's EOS block: no decoding and re-tokenizing, response logits only."""
+    return _reference_pass(policy, rollout, temperature).logprobs
+
+
+@torch.no_grad()
+def _reference_pass(policy, rollout, temperature: float, with_unblocked: bool = False):
+    """``Policy.forward`` of the rollout under the reference policy and its EOS block."""
     with policy.reference():
         return policy(rollout.query_ids, rollout.query_mask, rollout.response_ids,
                       rollout.response_mask, temperature, with_values=False,
-                      eos_blocked=rollout.eos_blocked).logprobs
+                      eos_blocked=rollout.eos_blocked, with_unblocked=with_unblocked)
 
 
 def perplexity(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
