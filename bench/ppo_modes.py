@@ -175,7 +175,7 @@ def train_config(spec: dict):
                             batch_size=spec["batch"]),
         generation=SamplingConfig(min_new_tokens_draw=n, max_new_tokens_draw=n, min_length=n,
                                   top_k=0, top_p=1.0,
-                                  cuda_graphs=spec.get("cuda_graphs", True)),
+                                  cuda_graphs=spec["cuda_graphs"]),
         ppo=PPOConfig(batch_size=spec["batch"], mini_batch_size=spec["mini_batch"],
                       gradient_accumulation_steps=spec["grad_accum"], ppo_epochs=1),
         seed=spec["seed"], output_dir=os.devnull)
