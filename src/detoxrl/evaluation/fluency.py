@@ -83,8 +83,9 @@ def pmi(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
         batch_size: int = 64, scored: Scored | None = None) -> np.ndarray:
     """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one.
     ``scored``: log p(response | prompt) known already (:func:`perplexities`)."""
-    with_prompt = perplexities(fm, prompts, responses, batch_size, scored)
-    without = perplexities(fm, [""] * len(responses), responses, batch_size)
+    targets = encode_responses(fm.tokenizer, responses, fm.name)
+    with_prompt = _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size, scored)
+    without = _perplexities(fm, _encode_prompts(fm, [""] * len(targets)), targets, batch_size)
     return np.log(without) - np.log(with_prompt)
 
 
@@ -118,9 +119,23 @@ def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[s
     response text to those same ids, that is the pass this function would make, so it is
     taken instead; the other rows (a text that tokenizes differently) get the pass.
     """
-    tok = fm.tokenizer
-    targets = encode_responses(tok, responses, fm.name)
-    contexts = tok(list(prompts), add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
+    targets = encode_responses(fm.tokenizer, responses, fm.name)
+    return _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size, scored)
+
+
+def _encode_prompts(fm: FluencyModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as the fluency model reads it; each distinct prompt is
+    tokenized once (an evaluation repeats every prompt for each of its samples)."""
+    distinct = list(dict.fromkeys(prompts))
+    ids = fm.tokenizer(distinct, add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
+    by_text = dict(zip(distinct, ids, strict=True))
+    return [by_text[p] for p in prompts]
+
+
+def _perplexities(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
+                  batch_size: int, scored: Scored | None = None) -> np.ndarray:
+    """:func:`perplexities` of token ids: ``contexts`` and ``targets``, one of each per
+    response."""
     out = np.full(len(targets), np.nan)
     todo = list(range(len(targets)))
     if scored is not None:

@@ -215,7 +215,7 @@ class Policy(nn.Module):
         seen = generation.blocked_columns(logits, response_ids, eos,
                                           eos_blocked if with_unblocked else 0)
         # The distribution generate sampled from: EOS blocked at the first positions.
-        logits = block_token(logits, eos, eos_blocked)
+        logits = block_token(logits, eos, eos_blocked, inplace=not logits.requires_grad)
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
         if with_values and self.value_head is None:
