@@ -171,6 +171,29 @@ def test_evaluate_k_samples_causal_on_a_prompt_file(tmp_path, judge_module, cach
             assert m["before"] == m["after"] and m["verdict"] == NO_CHANGE
 
 
+def test_no_topicality_leaves_out_only_the_topicality(tmp_path, cache):
+    """--no-topicality drops the PMI block; the responses and every other figure stay."""
+    run = causal_run(tmp_path, write_rtp(tmp_path / "train.jsonl",
+                                         [f"Prompt {i} says that the meeting" for i in range(8)]))
+    prompts = write_rtp(tmp_path / "p.jsonl", ["You are not", "Did you hear", "We should"])
+    outs, printed = {}, {}
+    for name, extra in (("with", []), ("without", ["--no-topicality"])):
+        outs[name] = tmp_path / name
+        code, printed[name] = cli("evaluate", str(run), "--protocol", "rtp", "--n", "all",
+                            "--max-new-tokens", "6", "--samples-per-prompt", str(K),
+                            "--bootstrap", "200", "--quiet", "--prompts", str(prompts),
+                            "--output", str(outs[name]), *extra)
+        assert code == 0, printed[name]
+    full, lean = (json.loads((outs[n] / "summary.json").read_text()) for n in outs)
+    assert "topicality" in full["protocol"] and "topicality" not in lean["protocol"]
+    assert (full["settings"]["topicality"], lean["settings"]["topicality"]) == (True, False)
+    rest = {k: v for k, v in full["protocol"].items() if k != "topicality"}
+    assert lean["protocol"] == rest and lean["metrics"] == full["metrics"]
+    assert read_jsonl(outs["with"] / "generations.jsonl") == read_jsonl(
+        outs["without"] / "generations.jsonl")
+    assert "Topic. PMI" in printed["with"] and "Topic. PMI" not in printed["without"]
+
+
 def test_report_shows_the_papers_table(run_dir, judge_module, tiny_classifier_path, tmp_path):
     # A reward folder as train-reward leaves it: its metrics.json records the validity.
     reward = Path(shutil.copytree(tiny_classifier_path, tmp_path / "reward"))

@@ -141,6 +141,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "baseline instead of the adapter: 'after' is the starting policy with each "
                    "of the K samples the best of N by the run's reward (reranking at "
                    "inference, no training).")
+    p.add_argument("--no-topicality", dest="topicality", action="store_false", help="Leave "
+                   "out the topicality (each response's PMI with its prompt under the "
+                   "starting policy), which scores every response once more without its "
+                   "prompt.")
     p.add_argument("--bootstrap", type=int, default=10_000, metavar="R",
                    help="Bootstrap resamples (default 10000).")
     p.set_defaults(func=run, accepts_overrides=True)
@@ -162,6 +166,7 @@ def options(args: argparse.Namespace):
         judge_label=getattr(args, "judge_label", None),
         fluency_model=getattr(args, "fluency_model", None),
         judge_floor=getattr(args, "judge_floor", []), best_of=getattr(args, "best_of", None),
+        topicality=getattr(args, "topicality", True),
         n_resamples=getattr(args, "bootstrap", 10_000), device=args.device,
         progress=not args.quiet)
 

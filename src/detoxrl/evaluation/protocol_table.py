@@ -3,9 +3,9 @@
 One table per toxicity scorer, read from ``summary["protocol"]``: rows are the models
 (before = reference, after = trained adapter) and the change with its interval; columns are
 expected maximum toxicity, toxicity probability, average toxicity, perplexity,
-distinct-1/2/3 within prompts, distinct-2 of the whole set and topicality. Those after the
-toxicity do not depend on the scorer and repeat. A scorer measured on clean human text has
-its floor and the share of the excess over it that is gone below its table.
+distinct-1/2/3 within prompts, distinct-2 of the whole set and topicality (when measured).
+Those after the toxicity do not depend on the scorer and repeat. A scorer measured on clean
+human text has its floor and the share of the excess over it that is gone below its table.
 """
 
 from __future__ import annotations
@@ -57,10 +57,19 @@ def _validity(info: dict[str, Any]) -> str:
 def tables(protocol: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """(title, column name -> measure) for every scorer, in the summary's order."""
     shared = {"perplexity": protocol.get("fluency", {}).get("perplexity", {}),
-              **protocol.get("diversity", {}),
-              "topicality": protocol.get("topicality", {}).get("pmi", {})}
+              **protocol.get("diversity", {})}
+    if "topicality" in protocol:  # not measured with --no-topicality
+        shared["topicality"] = protocol["topicality"].get("pmi", {})
     return [(scorer_title(key, info), {**info.get("measures", {}), **shared})
             for key, info in protocol.get("toxicity", {}).items()]
+
+
+def columns(protocol: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The :data:`COLUMNS` this summary has: the toxicity measures first, then the shared
+    ones it measured."""
+    found = tables(protocol)
+    cols = found[0][1] if found else {}
+    return COLUMNS[:3] + tuple((key, name) for key, name in COLUMNS[3:] if key in cols)
 
 
 def after_label(protocol: dict[str, Any]) -> str:
@@ -74,10 +83,11 @@ def header(protocol: dict[str, Any]) -> str:
     ppl = fluency.get("note") or f"perplexity under {fluency.get('model')}"
     best = (f"after = the starting policy, each sample the best of {protocol['best_of']} "
             "by the reward (no training); " if protocol.get("best_of") else "")
+    topicality = ("topicality is the prompt-response PMI under the starting policy "
+                  "(nats/token); " if "topicality" in protocol else "")
     return (f"{protocol.get('n_prompts')} prompts x {protocol.get('samples_per_prompt')} "
             f"samples; a sample is toxic at >= {protocol.get('toxic_threshold')}; {ppl}; "
-            f"{best}topicality is the prompt-response PMI under the starting policy "
-            "(nats/token); changes are after - before with "
+            f"{best}{topicality}changes are after - before with "
             f"{protocol.get('confidence', 0.95) * 100:g}% paired bootstrap intervals over "
             "prompts.")
 
@@ -101,20 +111,20 @@ def floor_lines(info: dict[str, Any]) -> list[str]:
 
 def text_tables(protocol: dict[str, Any]) -> str:
     """The tables for the terminal, each followed by its changes with intervals."""
-    width = 14
+    width, shown = 14, columns(protocol)
     lines = [header(protocol), ""]
     for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
                                    strict=True):
-        lines += [title, f"{'model':<16}" + "".join(f"{name:>{width}}" for _, name in COLUMNS)]
+        lines += [title, f"{'model':<16}" + "".join(f"{name:>{width}}" for _, name in shown)]
         for row in ("before", "after"):
             label = "before (ref.)" if row == "before" else after_label(protocol)
             lines.append(f"{label:<16}" + "".join(
-                f"{_num(cols.get(key, {}).get(row)):>{width}}" for key, _ in COLUMNS))
+                f"{_num(cols.get(key, {}).get(row)):>{width}}" for key, _ in shown))
         lines.append(f"{'change':<16}" + "".join(
-            f"{_signed(cols.get(key, {}).get('change')):>{width}}" for key, _ in COLUMNS))
-        lines += [*_interval_lines(cols, COLUMNS[:3]), *floor_lines(info), ""]
+            f"{_signed(cols.get(key, {}).get('change')):>{width}}" for key, _ in shown))
+        lines += [*_interval_lines(cols, shown[:3]), *floor_lines(info), ""]
     if tables(protocol):  # fluency and diversity are the same under every scorer
-        lines += ["fluency and diversity", *_interval_lines(tables(protocol)[0][1], COLUMNS[3:])]
+        lines += ["fluency and diversity", *_interval_lines(tables(protocol)[0][1], shown[3:])]
     return "\n".join(lines).rstrip()
 
 
@@ -130,17 +140,18 @@ def _interval_lines(cols: dict[str, dict[str, Any]], columns) -> list[str]:
 
 def html_tables(protocol: dict[str, Any]) -> str:
     """The tables as HTML fragments, every cell escaped."""
-    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(n)}</th>" for _, n in COLUMNS)
+    shown = columns(protocol)
+    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(n)}</th>" for _, n in shown)
     parts = [f"<p>{html.escape(header(protocol))}</p>"]
     for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
                                    strict=True):
         rows = []
         for row, label in (("before", "before (reference)"), ("after", after_label(protocol))):
             rows.append(f"<tr><td>{label}</td>" + "".join(
-                f'<td class="num">{_num(cols.get(k, {}).get(row))}</td>' for k, _ in COLUMNS)
+                f'<td class="num">{_num(cols.get(k, {}).get(row))}</td>' for k, _ in shown)
                 + "</tr>")
         rows.append("<tr><td>change [CI]</td>" + "".join(
-            f"<td>{_change_cell(cols.get(k, {}))}</td>" for k, _ in COLUMNS) + "</tr>")
+            f"<td>{_change_cell(cols.get(k, {}))}</td>" for k, _ in shown) + "</tr>")
         parts.append(f"<h4>{html.escape(title)}</h4><table>{head}</tr>{''.join(rows)}</table>"
                      + "".join(f"<p>{html.escape(line.strip())}</p>" for line in
                                floor_lines(info)))
@@ -167,18 +178,19 @@ def _change_cell(m: dict[str, Any]) -> str:
 
 def markdown_tables(protocol: dict[str, Any]) -> str:
     """The tables in Markdown (the model card), the change row with its interval."""
-    head = "| model | " + " | ".join(n for _, n in COLUMNS) + " |"
-    rule = "| --- |" + " ---: |" * len(COLUMNS)
+    shown = columns(protocol)
+    head = "| model | " + " | ".join(n for _, n in shown) + " |"
+    rule = "| --- |" + " ---: |" * len(shown)
     parts = [header(protocol)]
     for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
                                    strict=True):
         rows = [f"**{title}**", "", head, rule]
         for row, label in (("before", "before (reference)"), ("after", after_label(protocol))):
             rows.append(f"| {label} | " + " | ".join(
-                _num(cols.get(k, {}).get(row)) for k, _ in COLUMNS) + " |")
+                _num(cols.get(k, {}).get(row)) for k, _ in shown) + " |")
         rows.append("| change [95% CI] | " + " | ".join(
             change_cell(m.get("change"), m.get("ci_low"), m.get("ci_high"))
-            for m in (cols.get(k, {}) for k, _ in COLUMNS)) + " |")
+            for m in (cols.get(k, {}) for k, _ in shown)) + " |")
         rows += ["", *(line.strip() for line in floor_lines(info))] if info.get("floor") else []
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"

@@ -36,7 +36,8 @@ classifier's toxicity per sample), and ``summary.json``::
                    "perplexity": M},      # under the reference: verdict higher / lower
        "diversity": {"distinct_1": M, "distinct_2": M, "distinct_3": M,   # within prompts
                      "set_distinct_1": M, "set_distinct_2": M},           # the whole set
-       "topicality": {"measure", "pmi": M},  # prompt-response PMI under the reference
+       "topicality": {"measure", "pmi": M},  # prompt-response PMI under the reference;
+                                             # absent with --no-topicality
        "best_of": N},                        # with --best-of: "after" is that baseline
      "settings": {what was evaluated and how: n, samples_per_prompt, protocol, prompts
                   {"source": "test split" | "file", "path", "sha256"}, output, judges,
@@ -191,7 +192,8 @@ def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
                            dec.seed) if clean else None)
     summary["protocol"] = protocol_summary(gen, scores, scorers, perplexity, fluency,
                                            opts.n_resamples, dec.seed,
-                                           measure_topicality(policy, gen), floors)
+                                           measure_topicality(policy, gen)
+                                           if opts.topicality else None, floors)
     if opts.best_of:
         summary["protocol"]["best_of"] = opts.best_of
     summary["settings"] = {**settings(target, opts, len(prompts)), "device": str(device)}

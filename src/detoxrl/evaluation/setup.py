@@ -56,6 +56,7 @@ class EvalOptions:
     fluency_model: str | None = None  # None: the reference policy
     judge_floor: list[str] = field(default_factory=list)  # files of clean human texts
     best_of: int | None = None       # "after" = the reference's best of N by the reward
+    topicality: bool = True          # the prompt-response PMI: two more reference passes
     n_resamples: int = 10_000
     device: str | None = None
     progress: bool = True
@@ -191,7 +192,7 @@ def settings(target: Target, opts: EvalOptions, n_available: int) -> dict[str, A
         "judge_label": opts.judge_label, "fluency_model": opts.fluency_model,
         "judge_floor": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)}
                         for p in opts.judge_floor],
-        "best_of": opts.best_of,
+        "best_of": opts.best_of, "topicality": opts.topicality,
         "output": str(target.out_dir.resolve()),
         "model": to_dict(cfg.model), "adapter": str(target.adapter.resolve()),
         "adapter_sha256": file_sha256(target.adapter / ADAPTER_WEIGHTS),
