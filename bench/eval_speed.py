@@ -3,7 +3,8 @@
 
     python bench/eval_speed.py --run runs/demo --before-src /tmp/before/src \
         [--after-src src] [--rounds 1] [--nontoxic all] [--toxic 100]
-        [--toxic-label LABEL] [--keep DIR] [--out bench/results/eval_speed.json]
+        [--toxic-label LABEL] [--variant ARGS ...] [--keep DIR]
+        [--out bench/results/eval_speed.json]
 
 ``--run``: a demo output folder (its ``3-rl`` run and ``0-data`` held-out prompts).
 Each round runs ``detoxrl evaluate`` with the demo's arguments (protocol rtp, 20 tokens, 25
@@ -15,6 +16,9 @@ shared machine) per stage; the ratio after / before of their sums is the result.
 ``--keep DIR`` keeps every evaluation's output folder there (``<side>-<round>-<stage>``),
 e.g. to check that two trees report the same figures. ``--toxic-label`` is passed to both
 trees (an older one may not name the reward classifier's toxic label itself).
+``--variant ARGS`` (repeatable) adds a side: the after tree with ARGS added to its
+``detoxrl evaluate`` calls, e.g. ``--variant=--no-topicality`` for the measures alone that an
+older tree computed; each side's ratio to "before" is reported.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -42,13 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nontoxic", default=STAGES["nontoxic"], help="prompts: N or all")
     ap.add_argument("--toxic", default=STAGES["toxic"], help="prompts: N or all")
     ap.add_argument("--toxic-label", default=None, help="passed as --toxic-label")
+    ap.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                    help="a side: the after tree with these evaluate arguments (repeatable)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the output folders here")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
 
 
 def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Path,
-              toxic_label: str | None = None) -> dict:
+              toxic_label: str | None = None, extra: list[str] | None = None) -> dict:
     """One ``detoxrl evaluate`` in a child process: wall and CPU seconds."""
     argv = [sys.executable, "-m", "detoxrl", "evaluate", str(run / "3-rl"), "--protocol", "rtp",
             "--generation.min_length", "20", "--n", n, "--samples-per-prompt",
@@ -56,6 +63,7 @@ def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Pa
             str(run / "0-data" / f"heldout-{part}.jsonl"), "--output", str(out_dir), "--quiet"]
     if toxic_label:
         argv += ["--toxic-label", toxic_label]
+    argv += extra or []
     env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -71,28 +79,36 @@ def run_stage(src: Path, run: Path, part: str, n: str, samples: int, out_dir: Pa
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sides = {"before": args.before_src, "after": args.after_src}
+    sides = {"before": (args.before_src, []), "after": (args.after_src, [])}
+    sides.update({f"after {v}": (args.after_src, shlex.split(v)) for v in args.variant})
     runs = {side: [] for side in sides}
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
         for r in range(args.rounds):
-            for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                stages = {part: run_stage(sides[side], args.run, part, getattr(args, part),
-                                          args.samples_per_prompt, Path(tmp) / f"{side}-{r}-{part}",
-                                          args.toxic_label)
+            for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                src, extra = sides[side]
+                name = side.replace(" ", "_")
+                stages = {part: run_stage(src, args.run, part, getattr(args, part),
+                                          args.samples_per_prompt,
+                                          Path(tmp) / f"{name}-{r}-{part}", args.toxic_label,
+                                          extra)
                           for part in STAGES}
                 runs[side].append(stages)
                 print(side, json.dumps(stages), flush=True)
     total = {side: {k: sum(s[p][k] for s in rs for p in STAGES) / len(rs)
                     for k in ("wall_s", "cpu_s")} for side, rs in runs.items()}
     result = {"command": "python bench/eval_speed.py " + " ".join(argv or sys.argv[1:]),
-              "sources": {k: str(v) for k, v in sides.items()}, "runs": runs,
+              "sources": {k: str(v[0]) for k, v in sides.items()},
+              "arguments": {k: v[1] for k, v in sides.items() if v[1]}, "runs": runs,
               "mean_total": total,
               "ratio_after_before": {k: total["after"][k] / total["before"][k]
                                      for k in ("wall_s", "cpu_s")},
+              "ratios_to_before": {side: {k: total[side][k] / total["before"][k]
+                                          for k in ("wall_s", "cpu_s")}
+                                   for side in sides if side != "before"},
               "load_average_before_after": [load[0], os.getloadavg()[0]]}
-    print(json.dumps(result["ratio_after_before"]))
+    print(json.dumps(result["ratios_to_before"]))
     if args.out:
         from detoxrl.runs.io import atomic_write_json
 
