@@ -486,3 +486,6 @@ def test_block_token_hand_values():
     assert block_token(logits, 2, 0) is logits                     # nothing blocked
     one_step = block_token(logits[:, 0], 2, 1)                       # (B, V) form
     assert one_step[0, 2] == lowest and torch.equal(one_step[0, :2], logits[0, 0, :2])
+    assert logits[0, 0, 2] == 3.0                                    # the input untouched
+    same = block_token(logits, 2, 2, inplace=True)                   # written into logits
+    assert same is logits and torch.equal(logits, blocked)
