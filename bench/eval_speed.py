@@ -102,8 +102,6 @@ def main(argv=None) -> int:
               "sources": {k: str(v[0]) for k, v in sides.items()},
               "arguments": {k: v[1] for k, v in sides.items() if v[1]}, "runs": runs,
               "mean_total": total,
-              "ratio_after_before": {k: total["after"][k] / total["before"][k]
-                                     for k in ("wall_s", "cpu_s")},
               "ratios_to_before": {side: {k: total[side][k] / total["before"][k]
                                           for k in ("wall_s", "cpu_s")}
                                    for side in sides if side != "before"},
