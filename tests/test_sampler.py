@@ -211,3 +211,26 @@ def test_unblocked_logprobs_are_the_bare_distributions():
     got = unblock(torch.tensor([-math.log(2.0)]), torch.tensor([0.0]),
                   torch.tensor([math.log(2.0)]))
     torch.testing.assert_close(got, torch.tensor([-math.log(4.0)]))
+
+
+def test_inplace_draw_equals_the_copying_one():
+    """``inplace=True`` (the decoding loop's own logits) blocks EOS in the caller's tensor and
+    draws exactly what the copying call draws, the unblocked log-probs included."""
+    logits = torch.randn(64, 40, generator=torch.Generator().manual_seed(3)) * 3
+    logits[:8, 3] = 12.0
+    for temperature, blocked in ((1.0, True), (0.7, True), (1.0, False)):
+        kept = logits.clone()
+        copied = sample_next(kept, temperature, top_p=0.9, eos_token_id=3, eos_blocked=blocked,
+                             generator=torch.Generator().manual_seed(1))
+        assert torch.equal(kept, logits)
+        owned = logits.clone()
+        written = sample_next(owned, temperature, top_p=0.9, eos_token_id=3,
+                              eos_blocked=blocked, generator=torch.Generator().manual_seed(1),
+                              inplace=True)
+        for a, b in zip(copied, written, strict=True):
+            assert torch.equal(a, b)
+        # At T = 1 the float32 logits themselves were the scored ones: EOS is written there.
+        if blocked and temperature == 1.0:
+            assert (owned[:, 3] == torch.finfo(torch.float32).min).all()
+        else:
+            assert torch.equal(owned, logits)

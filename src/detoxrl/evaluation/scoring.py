@@ -94,8 +94,9 @@ def summarize(gen: Generations, scores: dict[str, list[float]], toxic_label: str
     quality = {}
     for side, texts, lengths in (("before", gen.before, gen.tokens_before),
                                  ("after", gen.after, gen.tokens_after)):
-        quality[side] = quality_metrics(texts, refs, tokenizer)
-        if lengths:  # the tokens generated, not a re-tokenization of the decoded text
+        # The tokens generated, where known, not a re-tokenization of the decoded text.
+        quality[side] = quality_metrics(texts, refs, None if lengths else tokenizer)
+        if lengths:
             quality[side]["mean_length"] = sum(lengths) / len(lengths)
     means = {key: per_prompt_means(v, k) for key, v in scores.items()}
     summary = evaluation_summary(

@@ -70,7 +70,8 @@ def decode(model, query_ids: Tensor, query_mask: Tensor, sampling, max_new_token
         logits, last_hidden = step(new)                                  # (B, V), (B, H)
         if t < max_new_tokens:
             drawn = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                eos_token_id, t < eos_blocked, sampling.do_sample)
+                                eos_token_id, t < eos_blocked, sampling.do_sample,
+                                inplace=True)
             new = torch.where(done, padding, drawn.tokens)                   # (B,)
             tokens.append(new)
             logprobs.append(drawn.logprobs)

@@ -49,12 +49,14 @@ class Draw(NamedTuple):
 
 
 def warp(logits: Tensor, temperature: float, eos_token_id: int | None,
-         eos_blocked: bool) -> Tensor:
-    """The scored distribution's logits, (B, V) float32: / temperature, EOS blocked."""
+         eos_blocked: bool, inplace: bool = False) -> Tensor:
+    """The scored distribution's logits, (B, V) float32: / temperature, EOS blocked.
+    ``inplace``: ``logits`` are the caller's to overwrite (no copy to block EOS)."""
+    owned = logits.dtype != torch.float32 or temperature != 1.0  # a new tensor either way
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    return block_token(logits, eos_token_id, int(eos_blocked))
+    return block_token(logits, eos_token_id, int(eos_blocked), inplace=inplace or owned)
 
 
 def top_k_floor(logits: Tensor, k: int) -> Tensor:
@@ -117,14 +119,19 @@ def nucleus_mask_sorted(weights: Tensor, top_p: float) -> Tensor:
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = 0,
                 top_p: float = 1.0, eos_token_id: int | None = None, eos_blocked: bool = False,
-                do_sample: bool = True, generator: torch.Generator | None = None) -> Draw:
+                do_sample: bool = True, generator: torch.Generator | None = None,
+                inplace: bool = False) -> Draw:
     """One token per row from raw next-token ``logits`` (B, V), and its log-prob.
 
     ``do_sample=False`` is greedy (the first maximum, as ``torch.argmax``); top-k/top-p
     cannot change the maximum. Random numbers come from ``generator`` (default: torch's
-    global one, so ``torch.manual_seed`` fixes the draws).
+    global one, so ``torch.manual_seed`` fixes the draws). ``inplace``: the caller will not
+    read ``logits`` again, so EOS may be blocked in them rather than in a (B, V) copy.
     """
-    scored = warp(logits, temperature, eos_token_id, eos_blocked)               # (B, V)
+    blocked = eos_blocked and eos_token_id is not None
+    # Read before an in-place block overwrites it: the unblocked log-prob needs it.
+    eos = logits[:, eos_token_id].float() / temperature if blocked else None   # (B,)
+    scored = warp(logits, temperature, eos_token_id, eos_blocked, inplace)      # (B, V)
     probs = scored.softmax(dim=-1)                                              # (B, V)
     if not do_sample:
         tokens = scored.argmax(dim=-1)
@@ -134,9 +141,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = 0,
             weights = probs.masked_fill(scored < top_k_floor(scored, top_k), 0.0)
         tokens = draw(weights, top_p, generator)
     logprobs = token_logprobs(scored, probs, tokens)
-    if not eos_blocked or eos_token_id is None:
+    if not blocked:
         return Draw(tokens, logprobs, logprobs)
-    eos = logits[:, eos_token_id].float() / temperature                        # (B,)
     picked = scored.gather(1, tokens.unsqueeze(1)).squeeze(1)                   # (B,)
     return Draw(tokens, logprobs, unblock(logprobs, picked, eos))
 
