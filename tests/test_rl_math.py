@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from detoxrl.models.generation import block_token, entropy_from_logits
+from detoxrl.models.generation import block_token, entropy_from_logits, entropy_from_logprobs
 from detoxrl.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from detoxrl.rl.math import (
     RunningMoments,
@@ -402,6 +402,24 @@ def test_entropy_from_logits(gen):
     logits = torch.randn(4, 10, generator=gen, dtype=torch.float64)
     for row, h in zip(logits.softmax(-1).tolist(), entropy_from_logits(logits), strict=True):
         assert close(h, -sum(p * math.log(p) for p in row), tol=1e-9)
+
+
+def test_entropy_from_logprobs_matches_the_logits_form(gen):
+    """What the policy logs, from the log_softmax it already has: the same entropy by hand,
+    0 for -inf log-probs, finite under the EOS block, and within float32 noise of the
+    logits form at the demo's vocabulary."""
+    assert close(entropy_from_logprobs(torch.full((2, 3, 50), -math.log(50))),
+                 torch.full((2, 3), math.log(50)))
+    assert close(entropy_from_logprobs(torch.tensor([-LN2, -LN2, -math.inf, -math.inf])), LN2)
+    assert close(entropy_from_logprobs(torch.tensor([0.0, -math.inf])), 0.0)
+    logits = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    for row, h in zip(logits.softmax(-1).tolist(),
+                      entropy_from_logprobs(logits.log_softmax(-1)), strict=True):
+        assert close(h, -sum(p * math.log(p) for p in row), tol=1e-9)
+    logits = block_token(torch.randn(2, 20, 8000, generator=gen) * 3, token_id=5, first_n=20)
+    fast = entropy_from_logprobs(logits.log_softmax(-1))
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, entropy_from_logits(logits), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------- controllers, moments

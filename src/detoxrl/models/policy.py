@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import generation, prefix, tiny
 from .attention import no_cudnn_attention
 from .decoding import decode
-from .generation import beam_search, block_token, entropy_from_logits, response_mask
+from .generation import beam_search, block_token, entropy_from_logprobs, response_mask
 from .loading import (
     adapter_errors,
     ensure_pad_token,
@@ -225,7 +225,7 @@ class Policy(nn.Module):
         entropy = None
         if with_entropy:  # a diagnostic: kept out of the graph, whose (B, T, V) saves are large
             with torch.no_grad():
-                entropy = entropy_from_logits(logits)
+                entropy = entropy_from_logprobs(logprobs)
         free = generation.unblock_columns(token_logprobs, seen) if with_unblocked else None
         return PolicyOutput(token_logprobs, values, entropy, free)
 

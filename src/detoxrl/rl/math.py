@@ -21,7 +21,7 @@ Algorithms"):
 * the value loss is clipped around the rollout values (OpenAI baselines ``ppo2``, not in
   the paper) and carries a factor 0.5;
 * advantages are whitened per batch, and losses average over tokens, not sequences;
-* no entropy bonus enters the loss; ``models.generation.entropy_from_logits`` is for logging.
+* no entropy bonus enters the loss; ``models.generation.entropy_from_logprobs`` is for logging.
 
 Critic-free variants (no value, K samples per prompt in consecutive rows, one advantage per
 sample spread over its tokens): :func:`rloo_advantages` (Ahmadian et al. 2024),
