@@ -222,9 +222,9 @@ def _encode(cfg: SFTConfig, rows: _Rows, tokenizer, seq2seq: bool):
         train, test, references = _pair_examples(cfg, tokenizer, seq2seq)
     else:
         rng = random.Random(cfg.seed)
-        train = [_text_example(r, tokenizer, seq2seq, cfg.data, rng) for r in rows.train]
-        test = [_text_example(r, tokenizer, seq2seq, cfg.data, rng) for r in rows.test]
-        train, test, references = [e for e in train if e], [e for e in test if e], None
+        train = _text_examples(rows.train, tokenizer, seq2seq, cfg.data, rng)
+        test = _text_examples(rows.test, tokenizer, seq2seq, cfg.data, rng)
+        references = None
     if not train or not test:
         raise DataError(f"The {'training' if not train else 'eval'} split is empty after "
                         "tokenization; add rows or lower data.eval_fraction.")
@@ -245,14 +245,13 @@ def _pair_examples(cfg: SFTConfig, tokenizer, seq2seq: bool):
         if not all(refs):
             raise DataError("Some prompts have no reference target; set "
                             "data.prompts.summary_columns to the target column.")
-        splits.append([_pair_example(ids, r[0], tokenizer, seq2seq, d.max_target_tokens)
-                       for ids, r in zip(part["input_ids"], refs, strict=True)])
+        targets = _target_ids([r[0] for r in refs], tokenizer, d.max_target_tokens)
+        splits.append([_pair_example(ids, t, seq2seq)
+                       for ids, t in zip(part["input_ids"], targets, strict=True)])
     return splits[0], splits[1], list(data.test["references"][:d.rouge_examples])
 
 
-def _pair_example(prompt_ids: list[int], target: str, tokenizer, seq2seq: bool,
-                  max_target: int) -> dict:
-    target_ids = _target_ids(target, tokenizer, max_target)
+def _pair_example(prompt_ids: list[int], target_ids: list[int], seq2seq: bool) -> dict:
     if seq2seq:
         return _example(prompt_ids, target_ids)
     ids = list(prompt_ids) + target_ids
@@ -260,30 +259,43 @@ def _pair_example(prompt_ids: list[int], target: str, tokenizer, seq2seq: bool,
             "labels": [-100] * len(prompt_ids) + target_ids}  # loss on the target only
 
 
-def _text_example(row: dict, tokenizer, seq2seq: bool, d: SFTData,
-                  rng: random.Random) -> dict | None:
+def _text_examples(rows: list[dict], tokenizer, seq2seq: bool, d: SFTData,
+                   rng: random.Random) -> list[dict]:
+    """The examples of text rows (a seq2seq row too short to split gives none). Each field
+    is tokenized in one call for all rows: the ids of one call per text, many times faster."""
     if not seq2seq:
-        ids = _target_ids(row["text"], tokenizer, d.max_length)
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
-    prefix = row["prefix"]
-    if prefix is None:
-        words = row["text"].split(" ")
-        if len(words) < 2:
-            return None
-        prefix = " ".join(words[:rng.randint(1, len(words) - 1)])
-    source = tokenizer(prefix, truncation=True, max_length=d.max_length)["input_ids"]
-    target = _target_ids(row["text"][len(prefix):], tokenizer, d.max_target_tokens)
-    return _example(source, target)
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+                for ids in _target_ids([r["text"] for r in rows], tokenizer, d.max_length)]
+    prefixes = [_prefix(r, rng) for r in rows]  # in row order: the rng's draws stay the same
+    pairs = [(p, r["text"][len(p):]) for p, r in zip(prefixes, rows, strict=True)
+             if p is not None]
+    if not pairs:
+        return []
+    sources = tokenizer([p for p, _ in pairs], truncation=True,
+                        max_length=d.max_length)["input_ids"]
+    targets = _target_ids([t for _, t in pairs], tokenizer, d.max_target_tokens)
+    return [_example(s, t) for s, t in zip(sources, targets, strict=True)]
 
 
-def _target_ids(text: str, tokenizer, max_tokens: int) -> list[int]:
-    """Tokens of ``text`` ending with EOS, so the model learns where to stop; a text cut at
+def _prefix(row: dict, rng: random.Random) -> str | None:
+    """The row's source text: its own prefix, or its first 1..n-1 words drawn at random."""
+    if row["prefix"] is not None:
+        return row["prefix"]
+    words = row["text"].split(" ")
+    if len(words) < 2:
+        return None
+    return " ".join(words[:rng.randint(1, len(words) - 1)])
+
+
+def _target_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
+    """Tokens of each text ending with EOS, so the model learns where to stop; a text cut at
     ``max_tokens`` gets no EOS, as it did not end there."""
-    # verbose=False: the text is cut below, so the tokenizer's length warning does not apply
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) >= max_tokens:
-        return ids[:max_tokens]
-    return [*ids, tokenizer.eos_token_id]
+    if not texts:
+        return []
+    # verbose=False: the texts are cut below, so the tokenizer's length warning does not apply
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return [ids[:max_tokens] if len(ids) >= max_tokens else [*ids, tokenizer.eos_token_id]
+            for ids in encoded]
 
 
 def _example(source: list[int], target: list[int]) -> dict:
