@@ -269,16 +269,14 @@ def _text_examples(rows: list[dict], tokenizer, seq2seq: bool, d: SFTData,
     prefixes = [_prefix(r, rng) for r in rows]  # in row order: the rng's draws stay the same
     pairs = [(p, r["text"][len(p):]) for p, r in zip(prefixes, rows, strict=True)
              if p is not None]
-    if not pairs:
-        return []
     sources = tokenizer([p for p, _ in pairs], truncation=True,
-                        max_length=d.max_length)["input_ids"]
+                        max_length=d.max_length)["input_ids"] if pairs else []
     targets = _target_ids([t for _, t in pairs], tokenizer, d.max_target_tokens)
     return [_example(s, t) for s, t in zip(sources, targets, strict=True)]
 
 
 def _prefix(row: dict, rng: random.Random) -> str | None:
-    """The row's source text: its own prefix, or its first 1..n-1 words drawn at random."""
+    """The row's input: its own prefix, or its first 1..n-1 words drawn at random."""
     if row["prefix"] is not None:
         return row["prefix"]
     words = row["text"].split(" ")
