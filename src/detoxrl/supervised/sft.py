@@ -261,33 +261,29 @@ def _pair_example(prompt_ids: list[int], target_ids: list[int], seq2seq: bool) -
 
 def _text_examples(rows: list[dict], tokenizer, seq2seq: bool, d: SFTData,
                    rng: random.Random) -> list[dict]:
-    """The examples of text rows (a seq2seq row too short to split gives none). Each field
-    is tokenized in one call for all rows: the ids of one call per text, many times faster."""
+    """The examples of text rows, each field tokenized in one call for all rows."""
     if not seq2seq:
         return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
                 for ids in _target_ids([r["text"] for r in rows], tokenizer, d.max_length)]
     prefixes = [_prefix(r, rng) for r in rows]  # in row order: the rng's draws stay the same
     pairs = [(p, r["text"][len(p):]) for p, r in zip(prefixes, rows, strict=True)
              if p is not None]
-    sources = tokenizer([p for p, _ in pairs], truncation=True,
-                        max_length=d.max_length)["input_ids"] if pairs else []
+    if not pairs:  # every row too short to split
+        return []
+    sources = tokenizer([p for p, _ in pairs], truncation=True, max_length=d.max_length)
     targets = _target_ids([t for _, t in pairs], tokenizer, d.max_target_tokens)
-    return [_example(s, t) for s, t in zip(sources, targets, strict=True)]
+    return [_example(s, t) for s, t in zip(sources["input_ids"], targets, strict=True)]
 
 
-def _prefix(row: dict, rng: random.Random) -> str | None:
-    """The row's input: its own prefix, or its first 1..n-1 words drawn at random."""
-    if row["prefix"] is not None:
-        return row["prefix"]
+def _prefix(row: dict, rng: random.Random) -> str | None:  # given, or 1..n-1 words drawn
     words = row["text"].split(" ")
-    if len(words) < 2:
-        return None
+    if row["prefix"] is not None or len(words) < 2:
+        return row["prefix"]  # None: too short to split
     return " ".join(words[:rng.randint(1, len(words) - 1)])
 
 
 def _target_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
-    """Tokens of each text ending with EOS, so the model learns where to stop; a text cut at
-    ``max_tokens`` gets no EOS, as it did not end there."""
+    """Tokens of each text, ending with EOS (where to stop) unless cut at ``max_tokens``."""
     if not texts:
         return []
     # verbose=False: the texts are cut below, so the tokenizer's length warning does not apply
