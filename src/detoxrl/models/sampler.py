@@ -52,11 +52,12 @@ def warp(logits: Tensor, temperature: float, eos_token_id: int | None,
          eos_blocked: bool, inplace: bool = False) -> Tensor:
     """The scored distribution's logits, (B, V) float32: / temperature, EOS blocked.
     ``inplace``: ``logits`` are the caller's to overwrite (no copy to block EOS)."""
-    owned = logits.dtype != torch.float32 or temperature != 1.0  # a new tensor either way
-    logits = logits.float()
+    scored = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
-    return block_token(logits, eos_token_id, int(eos_blocked), inplace=inplace or owned)
+        scored = scored / temperature
+    # A cast or a division already made a new tensor: no caller sees it, so no copy either.
+    return block_token(scored, eos_token_id, int(eos_blocked),
+                       inplace=inplace or scored is not logits)
 
 
 def top_k_floor(logits: Tensor, k: int) -> Tensor:
