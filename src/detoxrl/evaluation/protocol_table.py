@@ -111,10 +111,9 @@ def floor_lines(info: dict[str, Any]) -> list[str]:
 
 def text_tables(protocol: dict[str, Any]) -> str:
     """The tables for the terminal, each followed by its changes with intervals."""
-    width, shown = 14, columns(protocol)
+    width, shown, found = 14, columns(protocol), tables(protocol)
     lines = [header(protocol), ""]
-    for (title, cols), info in zip(tables(protocol), protocol.get("toxicity", {}).values(),
-                                   strict=True):
+    for (title, cols), info in zip(found, protocol.get("toxicity", {}).values(), strict=True):
         lines += [title, f"{'model':<16}" + "".join(f"{name:>{width}}" for _, name in shown)]
         for row in ("before", "after"):
             label = "before (ref.)" if row == "before" else after_label(protocol)
@@ -123,8 +122,8 @@ def text_tables(protocol: dict[str, Any]) -> str:
         lines.append(f"{'change':<16}" + "".join(
             f"{_signed(cols.get(key, {}).get('change')):>{width}}" for key, _ in shown))
         lines += [*_interval_lines(cols, shown[:3]), *floor_lines(info), ""]
-    if tables(protocol):  # fluency and diversity are the same under every scorer
-        lines += ["fluency and diversity", *_interval_lines(tables(protocol)[0][1], shown[3:])]
+    if found:  # fluency and diversity are the same under every scorer
+        lines += ["fluency and diversity", *_interval_lines(found[0][1], shown[3:])]
     return "\n".join(lines).rstrip()
 
 
