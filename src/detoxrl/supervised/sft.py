@@ -263,7 +263,7 @@ def _text_examples(rows: list[dict], tokenizer, seq2seq: bool, d: SFTData,
                    rng: random.Random) -> list[dict]:
     """The examples of text rows, each field tokenized in one call for all rows."""
     if not seq2seq:
-        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+        return [_example(ids, ids)
                 for ids in _target_ids([r["text"] for r in rows], tokenizer, d.max_length)]
     prefixes = [_prefix(r, rng) for r in rows]  # in row order: the rng's draws stay the same
     pairs = [(p, r["text"][len(p):]) for p, r in zip(prefixes, rows, strict=True)
