@@ -45,6 +45,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=_help("toxic_prompts"))
     p.add_argument("--samples-per-prompt", type=int, default=None, metavar="K",
                    help=_help("samples_per_prompt"))
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help=_help("jobs"))
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=run, accepts_overrides=True)
     return p
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(arch=args.arch, data_dir=args.data_dir, output_dir=args.output_dir,
                      seed=args.seed, quick=args.quick, eval_prompts=args.eval_prompts,
                      toxic_prompts=args.toxic_prompts,
-                     samples_per_prompt=args.samples_per_prompt,
+                     samples_per_prompt=args.samples_per_prompt, jobs=args.jobs,
                      reward_overrides=overrides["reward"],
                      policy_overrides=overrides["policy"], rl_overrides=overrides["rl"])
     run_demo(cfg, fresh=args.fresh, quiet=args.quiet)

@@ -33,13 +33,16 @@ class Stage:
     """One step of the demo: what it is built from, and how to build it into ``folder``.
 
     ``build(folder)`` writes the stage's outputs into the (empty) ``folder`` and returns a
-    small JSON-able result that later stages and the summary read.
+    small JSON-able result that later stages and the summary read. ``weight``: its work
+    relative to the others', so that of the stages ready to run side by side
+    (:mod:`detoxrl.demo.parallel`) the heaviest start first.
     """
 
     name: str
     folder: Path
     inputs: dict[str, Any]
     build: Callable[[Path], dict[str, Any]]
+    weight: float = 1.0
 
     @property
     def key(self) -> str:

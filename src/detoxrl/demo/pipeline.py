@@ -17,7 +17,8 @@ from typing import Any
 from ..config import load_config, to_dict
 from ..runs.io import file_sha256
 from . import prompts
-from .cache import Stage, claim_output_dir, run_stage
+from .cache import Stage, claim_output_dir
+from .parallel import default_jobs, run_stages
 from .settings import BEST_OF, JUDGE, DemoConfig, preset
 from .summary import DemoRun, figures, read_summary, write_demo_summary, write_report
 
@@ -167,7 +168,9 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
         _evaluate(paths.folder("rl"), folder, overrides, opts)
         return {"figures": figures(read_summary(folder))}
 
-    return Stage(name, paths.folder(name), inputs, build)
+    # The best-of stage samples BEST_OF times as much: started first, it runs beside the
+    # other two on two cores.
+    return Stage(name, paths.folder(name), inputs, build, weight=BEST_OF if best_of else 1)
 
 
 def _evaluate(run_dir: Path, out: Path, overrides: list[str], opts: dict[str, Any]) -> None:
@@ -216,11 +219,9 @@ def run_demo(cfg: DemoConfig, fresh: bool = False, quiet: bool = False) -> DemoR
     start = time.perf_counter()
     root, stages = plan(cfg, quiet)
     claim_output_dir(root)
-    results = []
-    for number, stage in enumerate(stages):
-        label = f"[{number + 1}/{len(stages)}] {stage.name}"
-        results.append(run_stage(stage, fresh, log=lambda text, label=label: print(
-            f"{label}: {text}", flush=True)))
+    number = {stage.name: i + 1 for i, stage in enumerate(stages)}
+    results = run_stages(stages, fresh, cfg.jobs or default_jobs(), root,
+                         label=lambda s: f"[{number[s.name]}/{len(stages)}] {s.name}")
     run = DemoRun(cfg, root, results, time.perf_counter() - start)
     write_demo_summary(run)
     return run

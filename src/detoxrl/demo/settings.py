@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class DemoConfig:
                                 "--eval-prompts); the non-toxic set is the headline.")
     samples_per_prompt: int | None = option(None, "Samples per evaluation prompt (default: "
                                             "25, the field's protocol; 2 with --quick).")
+    jobs: int | None = option(None, "Stages run at once, each in its own process: the "
+                              "reward classifier beside the LM, then the evaluations side by "
+                              "side (default: one per CPU core; 1 with a GPU).")
     reward_overrides: list[str] = option([], "Dotted overrides of the reward preset.")
     policy_overrides: list[str] = option([], "Dotted overrides of the policy (SFT) preset.")
     rl_overrides: list[str] = option([], "Dotted overrides of the RL preset.")
@@ -65,11 +69,14 @@ class DemoConfig:
             self.output_dir = f"runs/{name}{'-quick' if self.quick else ''}"
         if self.samples_per_prompt is None:
             self.samples_per_prompt = QUICK_SAMPLES_PER_PROMPT if self.quick else 25
-        for name in ("eval_prompts", "toxic_prompts", "samples_per_prompt"):
+        for name in ("eval_prompts", "toxic_prompts", "samples_per_prompt", "jobs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
                                   f"{value}.")
+        if self.jobs is not None and self.jobs > 1 and not sys.platform.startswith("linux"):
+            raise ConfigError("--jobs above 1 runs stages in forked processes, which needs "
+                              "Linux; leave --jobs out (or set it to 1) here.")
         return self
 
     @property
