@@ -179,6 +179,36 @@ def test_rl_stage_chains_the_earlier_stage_folders(tmp_path):
     assert rl_stage(reseeded, paths, [], {}, quiet=True).inputs["config"]["seed"] == 7
 
 
+def test_the_best_of_baseline_reads_no_rl_output(tmp_path):
+    """The baseline stage needs the data, reward and policy stages, not RL: it runs beside
+    RL, and an RL option it does not read (steps) keeps its key; one it reads (the seed,
+    the reward) changes it."""
+    from detoxrl.demo.parallel import needs
+    from detoxrl.demo.pipeline import plan
+
+    data = write_rtp(tmp_path / "data")
+    base = {"data_dir": str(data), "output_dir": str(tmp_path / "demo")}
+    _, stages = plan(DemoConfig(**base).finalize(), quiet=True)
+    by_name = {s.name: s for s in stages}
+    assert needs(by_name["eval-bestof"]) == {"data", "reward", "policy"}
+    assert needs(by_name["eval-nontoxic"]) == needs(by_name["eval-toxic"]) == {"data", "rl"}
+    assert by_name["eval-bestof"].weight > by_name["eval-nontoxic"].weight
+    config = by_name["eval-bestof"].inputs["config"]
+    assert config["model"]["name_or_path"] == "<demo>/2-policy"
+    assert config["generation"]["min_length"] == 20 and "ppo" not in config
+
+    def keys(**options) -> dict[str, str]:
+        _, stages = plan(DemoConfig(**base, **options).finalize(), quiet=True)
+        return {s.name: s.key for s in stages}
+
+    first, steps = keys(), keys(rl_overrides=["--steps", "7"])
+    assert steps["eval-bestof"] == first["eval-bestof"] and steps["rl"] != first["rl"]
+    assert steps["eval-nontoxic"] != first["eval-nontoxic"]
+    assert keys(rl_overrides=["--seed", "5"])["eval-bestof"] != first["eval-bestof"]
+    assert keys(rl_overrides=["--reward.label", "offensive"])["eval-bestof"] != \
+        first["eval-bestof"]
+
+
 def test_output_dir_must_be_empty_or_a_demo(tmp_path):
     claim_output_dir(tmp_path / "new")
     assert (tmp_path / "new" / MARKER).is_file()
@@ -265,12 +295,13 @@ def test_quick_demo(shared_data, tmp_path, capsys):
     assert main(argv) == 0  # a second run finds every stage up to date
     again = json.loads((out / "demo_summary.json").read_text())
     assert all(s["cached"] for s in again["stages"])
-    # A changed RL option rebuilds RL onwards; --toxic-prompts caps the toxic set only.
+    # A changed RL option rebuilds RL and what evaluates it, not the best-of baseline, which
+    # reads none of RL's output; --toxic-prompts caps the toxic set only.
     assert main([*argv, "--rl.steps", "3", "--toxic-prompts", "2"]) == 0
     third = {s["name"]: s["cached"] for s in json.loads(
         (out / "demo_summary.json").read_text())["stages"]}
     assert third == {"data": True, "reward": True, "policy": True, "rl": False,
-                     "eval-nontoxic": False, "eval-toxic": False, "eval-bestof": False,
+                     "eval-nontoxic": False, "eval-toxic": False, "eval-bestof": True,
                      "report": False}
     evaluated = {part: json.loads((out / FOLDERS[f"eval-{part}"] / "summary.json").read_text())
                  ["protocol"]["n_prompts"] for part in ("nontoxic", "toxic")}

@@ -141,6 +141,28 @@ def test_greedy_ignores_the_seed(run_dir, cache):
     assert len(a.kl) == 4 and all(0 < n <= MAX_NEW for n in a.tokens_after)
 
 
+def test_the_best_of_baseline_needs_no_trained_adapter(run_dir, tmp_path):
+    """Both sides of the best-of-N baseline are the starting policy: without the run's
+    adapter it draws and scores the same responses; without best_of there is nothing to
+    evaluate, and evaluate says so before loading anything."""
+    from detoxrl.evaluation import setup
+    from detoxrl.evaluation.runner import evaluate
+
+    tgt = setup.resolve_target(str(run_dir), None, None, output=str(tmp_path / "with"))
+    opts = setup.EvalOptions(n=3, samples_per_prompt=2, max_new_tokens=MAX_NEW, best_of=2,
+                             n_resamples=100, progress=False)
+    evaluate(tgt, opts)
+    (tmp_path / "bare").mkdir()
+    bare = evaluate(setup.Target(tgt.cfg, None, tmp_path / "bare"), opts)
+    for name in ("generations.jsonl", "toxicity.json"):
+        assert (tmp_path / "bare" / name).read_bytes() == (tmp_path / "with" / name).read_bytes()
+    assert bare["settings"]["adapter"] is None and bare["settings"]["adapter_sha256"] is None
+    with pytest.raises(ConfigError, match="best_of for the best-of-N baseline"):
+        evaluate(setup.Target(tgt.cfg, None, tmp_path / "none"),
+                 setup.EvalOptions(n=3, progress=False))
+    assert not (tmp_path / "none").exists()
+
+
 def test_kl_from_sampled_logprobs_equals_the_forward_pass(run_dir, cache):
     """The evaluation reads the trained policy's log-probs while sampling instead of a
     forward pass; the KL per response is the same either way."""

@@ -26,6 +26,8 @@ FOLDERS = {"data": "0-data", "reward": "1-reward", "policy": "2-policy", "rl": "
            "eval-nontoxic": "4-eval-nontoxic", "eval-toxic": "4-eval-toxic",
            "eval-bestof": "4-eval-bestof", "report": "5-report"}
 PROTOCOL_TOKENS = 20  # the RealToxicityPrompts protocol's continuation length
+# What an evaluation reads of a run's config (evaluation.setup): the best-of baseline's key.
+BASELINE_CONFIG = ("model", "lora", "data", "reward", "generation", "seed")
 
 
 @dataclass
@@ -114,16 +116,21 @@ def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[st
              quiet: bool) -> Stage:
     """PPO with a fresh LoRA on the stage-2 LM, rewarded by the stage-1 classifier's
     ``notoffensive``, on the stage-0 prompts."""
-    tcfg = load_config(preset(f"detox-{cfg.arch}"), [
-        *quick, "--seed", str(cfg.seed), *cfg.rl_overrides,
-        "--model.name_or_path", str(paths.folder("policy")),
-        "--reward.model", str(paths.folder("reward")),
-        "--data.path", str(paths.folder("data") / prompts.TRAIN_FILE),
-        "--output_dir", str(paths.folder("rl"))])
+    tcfg = _rl_config(cfg, paths, quick)
     copy.deepcopy(tcfg).finalize()  # batch arithmetic checked now, before any stage runs
     config = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
     inputs = {"config": paths.portable(config), "upstream": upstream}
     return Stage("rl", paths.folder("rl"), inputs, lambda folder: _train_rl(tcfg, quiet))
+
+
+def _rl_config(cfg: DemoConfig, paths: _Paths, quick: list[str], extra: list[str] = ()):
+    """The RL stage's config: its preset, with the demo's stage folders and options."""
+    return load_config(preset(f"detox-{cfg.arch}"), [
+        *quick, "--seed", str(cfg.seed), *cfg.rl_overrides,
+        "--model.name_or_path", str(paths.folder("policy")),
+        "--reward.model", str(paths.folder("reward")),
+        "--data.path", str(paths.folder("data") / prompts.TRAIN_FILE),
+        "--output_dir", str(paths.folder("rl")), *extra])
 
 
 def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
@@ -136,10 +143,13 @@ def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
 
 
 def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, str],
-               quiet: bool) -> Stage:
+               quiet: bool, quick: list[str] = ()) -> Stage:
     """The RealToxicityPrompts protocol on one held-out set, as ``detoxrl evaluate`` runs
     it; part ``bestof``: the non-toxic set answered by the starting policy reranked (best of
-    :data:`BEST_OF` by the reward), the baseline RL is shown beside."""
+    :data:`BEST_OF` by the reward), the baseline RL is shown beside. That one reads no RL
+    output, only the RL stage's settings (``quick``: its quick options) for the model,
+    reward, prompt recipe and seed, so it runs beside RL and a changed RL option that
+    leaves those alone does not rebuild it."""
     name = f"eval-{part}"
     prompt_file = paths.folder("data") / prompts.HELD_OUT_FILES[
         "nontoxic" if part == "bestof" else part]
@@ -163,24 +173,31 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
                 protocol="rtp", explicit_generation=frozenset({"min_length"}),
                 judges=[JUDGE], prompts=str(prompt_file), judge_floor=floor,
                 best_of=best_of, progress=not quiet)
+    baseline = _rl_config(cfg, paths, list(quick), overrides) if best_of else None
+    if baseline is not None:
+        read = to_dict(baseline)
+        inputs["config"] = paths.portable({k: read[k] for k in BASELINE_CONFIG})
 
     def build(folder: Path) -> dict[str, Any]:
-        _evaluate(paths.folder("rl"), folder, overrides, opts)
+        from ..evaluation.setup import Target, resolve_target
+
+        target = (Target(baseline, None, folder) if baseline is not None else
+                  resolve_target(str(paths.folder("rl")), None, None, overrides, str(folder)))
+        _evaluate(target, folder, opts)
         return {"figures": figures(read_summary(folder))}
 
-    # The best-of stage samples BEST_OF times as much: started first, it runs beside the
-    # other two on two cores.
+    # The best-of stage samples BEST_OF times as much: of the stages ready at once, it
+    # starts first.
     return Stage(name, paths.folder(name), inputs, build, weight=BEST_OF if best_of else 1)
 
 
-def _evaluate(run_dir: Path, out: Path, overrides: list[str], opts: dict[str, Any]) -> None:
+def _evaluate(target, out: Path, opts: dict[str, Any]) -> None:
     """What ``detoxrl evaluate RUN_DIR --output OUT ...`` does, printed the same way."""
     from ..evaluation.printing import format_summary
     from ..evaluation.runner import evaluate, rebuild_report
-    from ..evaluation.setup import EvalOptions, resolve_target
+    from ..evaluation.setup import EvalOptions
 
-    summary = evaluate(resolve_target(str(run_dir), None, None, overrides, str(out)),
-                       EvalOptions(**opts))
+    summary = evaluate(target, EvalOptions(**opts))
     print(format_summary(summary))
     print(f"\nresults: {out}/summary.json, toxicity.json, generations.jsonl")
     report = rebuild_report(out)
@@ -204,8 +221,11 @@ def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
     policy = policy_stage(cfg, paths, quick["policy"], quiet)
     rl = rl_stage(cfg, paths, quick["rl"], {s.name: s.key for s in (data, reward, policy)},
                   quiet)
-    evals = [eval_stage(cfg, paths, part, {"data": data.key, "rl": rl.key}, quiet)
-             for part in ("nontoxic", "toxic", "bestof")]
+    trained = {"data": data.key, "rl": rl.key}
+    evals = [eval_stage(cfg, paths, part, trained, quiet) for part in ("nontoxic", "toxic")]
+    evals.append(eval_stage(cfg, paths, "bestof", {s.name: s.key for s in (data, reward,
+                                                                           policy)},
+                            quiet, quick["rl"]))
     report = report_stage(cfg, paths, {s.name: s.key for s in evals})
     return paths.root, [data, reward, policy, rl, *evals, report]
 

@@ -164,6 +164,10 @@ def evaluate(target: Target, opts: EvalOptions) -> dict[str, Any]:
     from .fluency import REFERENCE, load_fluency_model
 
     check_options(opts)
+    if target.adapter is None and not opts.best_of:
+        raise ConfigError("Without a trained adapter there is nothing to compare the "
+                          "starting policy with; give one, or set best_of for the "
+                          "best-of-N baseline.")
     default_cpu_threads()
     cfg, device = target.cfg, device_for(opts)
     dec = eval_sampling(cfg, opts)

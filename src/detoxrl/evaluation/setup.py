@@ -64,10 +64,14 @@ class EvalOptions:
 
 @dataclass
 class Target:
-    """What is evaluated: the run config, the trained adapter, and where results go."""
+    """What is evaluated: the run config, the trained adapter, and where results go.
+
+    ``adapter`` None: no trained adapter, for the best-of-N baseline only (``best_of``),
+    whose both sides are the starting policy; it needs no RL run.
+    """
 
     cfg: TrainConfig
-    adapter: Path
+    adapter: Path | None
     out_dir: Path
 
 
@@ -194,8 +198,10 @@ def settings(target: Target, opts: EvalOptions, n_available: int) -> dict[str, A
                         for p in opts.judge_floor],
         "best_of": opts.best_of, "topicality": opts.topicality,
         "output": str(target.out_dir.resolve()),
-        "model": to_dict(cfg.model), "adapter": str(target.adapter.resolve()),
-        "adapter_sha256": file_sha256(target.adapter / ADAPTER_WEIGHTS),
+        "model": to_dict(cfg.model),
+        "adapter": None if target.adapter is None else str(target.adapter.resolve()),
+        "adapter_sha256": (None if target.adapter is None
+                           else file_sha256(target.adapter / ADAPTER_WEIGHTS)),
         "data": to_dict(cfg.data), "data_seed": cfg.seed, "reward": to_dict(cfg.reward),
         "detoxrl": __version__,
     }
@@ -206,12 +212,14 @@ def device_for(opts: EvalOptions) -> torch.device:
 
 
 def load_policy(target: Target, device: torch.device):
-    """Base + trained adapter (frozen); ``policy.reference()`` gives the starting policy."""
+    """Base + trained adapter (frozen); ``policy.reference()`` gives the starting policy.
+    Without a trained adapter, a fresh one that ``policy.reference()`` switches off."""
     from ..models.policy import Policy
 
     cfg = target.cfg
+    adapter = None if target.adapter is None else str(target.adapter)
     # Evaluation needs no value head, whichever algorithm trained the adapter.
-    return Policy.from_pretrained(cfg.model, cfg.lora, trained_adapter=str(target.adapter),
+    return Policy.from_pretrained(cfg.model, cfg.lora, trained_adapter=adapter,
                                   trainable=False, device=device, value_head=False)
 
 
