@@ -120,6 +120,12 @@ def test_a_stage_that_dies_or_breaks_is_named_with_its_log(tmp_path):
     assert "Traceback" in (tmp_path / "logs" / "breaks.log").read_text()
 
 
+def test_a_stage_whose_upstream_is_missing_is_refused(tmp_path):
+    stage = Stage("c", tmp_path / "c", {"upstream": {"gone": "k"}}, lambda folder: {})
+    with pytest.raises(ValueError, match="'c' needs \\['gone'\\]"):
+        run_stages([stage], False, 2, tmp_path, label=lambda s: s.name)
+
+
 def test_jobs_option():
     assert default_jobs() >= 1
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):

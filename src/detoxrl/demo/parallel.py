@@ -74,6 +74,9 @@ def run_stages(stages: list[Stage], fresh: bool, jobs: int, root: Path,
                 process.start()
                 send.close()
                 running[receive] = (stage, process)
+            if not running:  # a stage needs one that is not in the list
+                raise ValueError(f"stage {waiting[0].name!r} needs {sorted(needs(waiting[0]))}, "
+                                 f"of which only {sorted(done)} are among the stages")
             for receive in wait(list(running)):
                 stage, process = running[receive]
                 result = _receive(receive, stage, process, label, root / LOG_DIR)
