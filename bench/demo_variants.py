@@ -78,14 +78,15 @@ def figures(folder: Path, k: int) -> dict:
 
 def rerun_demo(base: Path, folder: Path, demo_args: list[str], log: Path) -> int:
     """``detoxrl demo DEMO_ARGS --output-dir FOLDER`` on a copy of ``base``'s stages 0-2,
-    one torch thread, CPU only; its output goes to ``log``. Returns the exit code."""
+    one torch thread, CPU only, one stage at a time (the callers run several demos side by
+    side themselves); its output goes to ``log``. Returns the exit code."""
     folder.mkdir(parents=True, exist_ok=True)
     for stage in (*REUSED, MARKER):
         if not (folder / stage).exists():
             copy = shutil.copytree if (base / stage).is_dir() else shutil.copy2
             copy(base / stage, folder / stage)
     command = [sys.executable, "-m", "detoxrl", "demo", "--output-dir", str(folder), "--quiet",
-               *map(str, demo_args)]
+               "--jobs", "1", *map(str, demo_args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                TOKENIZERS_PARALLELISM="false")
     with log.open("w") as fh:
