@@ -12,7 +12,8 @@
 5. the report and the before/after table.
 
 Each stage records what it was built from (:mod:`detoxrl.demo.cache`), so a re-run skips
-what is built and rebuilds a stage whose inputs changed, and every stage after it.
+what is built and rebuilds a stage whose inputs changed, and every stage after it. Stages
+that do not read each other run side by side, one process each (:mod:`detoxrl.demo.parallel`).
 Imports the Python API of ``config``, ``runs``, ``data``, ``evaluation``, ``rl`` and
 ``supervised``; never ``commands`` or ``cli``.
 """
