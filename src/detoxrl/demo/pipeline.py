@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ def rl_stage(cfg: DemoConfig, paths: _Paths, quick: list[str], upstream: dict[st
     return Stage("rl", paths.folder("rl"), inputs, lambda folder: _train_rl(tcfg, quiet))
 
 
-def _rl_config(cfg: DemoConfig, paths: _Paths, quick: list[str], extra: list[str] = ()):
+def _rl_config(cfg: DemoConfig, paths: _Paths, quick: Sequence[str],
+               extra: Sequence[str] = ()):
     """The RL stage's config: its preset, with the demo's stage folders and options."""
     return load_config(preset(f"detox-{cfg.arch}"), [
         *quick, "--seed", str(cfg.seed), *cfg.rl_overrides,
@@ -143,7 +145,7 @@ def _train_rl(tcfg, quiet: bool) -> dict[str, Any]:
 
 
 def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, str],
-               quiet: bool, quick: list[str] = ()) -> Stage:
+               quiet: bool, quick: Sequence[str] = ()) -> Stage:
     """The RealToxicityPrompts protocol on one held-out set, as ``detoxrl evaluate`` runs
     it; part ``bestof``: the non-toxic set answered by the starting policy reranked (best of
     :data:`BEST_OF` by the reward), the baseline RL is shown beside. That one reads no RL
@@ -173,7 +175,7 @@ def eval_stage(cfg: DemoConfig, paths: _Paths, part: str, upstream: dict[str, st
                 protocol="rtp", explicit_generation=frozenset({"min_length"}),
                 judges=[JUDGE], prompts=str(prompt_file), judge_floor=floor,
                 best_of=best_of, progress=not quiet)
-    baseline = _rl_config(cfg, paths, list(quick), overrides) if best_of else None
+    baseline = _rl_config(cfg, paths, quick, overrides) if best_of else None
     if baseline is not None:
         read = to_dict(baseline)
         inputs["config"] = paths.portable({k: read[k] for k in BASELINE_CONFIG})
@@ -219,13 +221,12 @@ def plan(cfg: DemoConfig, quiet: bool = False) -> tuple[Path, list[Stage]]:
     data = data_stage(cfg, paths)
     reward = reward_stage(cfg, paths, quick["reward"], quiet)
     policy = policy_stage(cfg, paths, quick["policy"], quiet)
-    rl = rl_stage(cfg, paths, quick["rl"], {s.name: s.key for s in (data, reward, policy)},
-                  quiet)
+    before_rl = {s.name: s.key for s in (data, reward, policy)}
+    rl = rl_stage(cfg, paths, quick["rl"], before_rl, quiet)
     trained = {"data": data.key, "rl": rl.key}
-    evals = [eval_stage(cfg, paths, part, trained, quiet) for part in ("nontoxic", "toxic")]
-    evals.append(eval_stage(cfg, paths, "bestof", {s.name: s.key for s in (data, reward,
-                                                                           policy)},
-                            quiet, quick["rl"]))
+    evals = [eval_stage(cfg, paths, "nontoxic", trained, quiet),
+             eval_stage(cfg, paths, "toxic", trained, quiet),
+             eval_stage(cfg, paths, "bestof", before_rl, quiet, quick["rl"])]
     report = report_stage(cfg, paths, {s.name: s.key for s in evals})
     return paths.root, [data, reward, policy, rl, *evals, report]
 

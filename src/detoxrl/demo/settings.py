@@ -54,8 +54,9 @@ class DemoConfig:
     samples_per_prompt: int | None = option(None, "Samples per evaluation prompt (default: "
                                             "25, the field's protocol; 2 with --quick).")
     jobs: int | None = option(None, "Stages run at once, each in its own process: the "
-                              "reward classifier beside the LM, then the evaluations side by "
-                              "side (default: one per CPU core; 1 with a GPU).")
+                              "reward classifier beside the LM, the best-of baseline beside "
+                              "RL, the held-out sets side by side (default: one per CPU "
+                              "core; 1 with a GPU).")
     reward_overrides: list[str] = option([], "Dotted overrides of the reward preset.")
     policy_overrides: list[str] = option([], "Dotted overrides of the policy (SFT) preset.")
     rl_overrides: list[str] = option([], "Dotted overrides of the RL preset.")
