@@ -93,10 +93,10 @@ def test_one_job_runs_the_stages_here_one_after_another(tmp_path, capsys):
 def test_a_failing_stage_stops_the_run_with_its_own_error(tmp_path):
     with pytest.raises(ConfigError, match="stage b cannot run: fix its option"):
         run_stages(_stages(tmp_path, fail="b"), False, 2, tmp_path, label=lambda s: s.name)
-    assert not (tmp_path / "b" / RECORD).exists() and not (tmp_path / "c").exists()
-    # Stage a was waiting for b; it was stopped with the run, unfinished, and a rerun
-    # builds what is missing.
-    assert not (tmp_path / "a" / RECORD).exists()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # Stage a was waiting for b; it was stopped with the run, its folder removed, and a
+    # rerun builds what is missing.
+    assert not (tmp_path / "a").exists()
     results = run_stages(_stages(tmp_path), False, 2, tmp_path, label=lambda s: s.name)
     assert results[2].result["text"] == "ab"
 

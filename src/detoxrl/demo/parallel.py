@@ -10,8 +10,9 @@ bytes it gives when the stages run one after another.
 
 A running stage's own output (training logs, evaluation tables) goes to
 ``<demo>/logs/<stage>.log``; its event lines (building, done) come back to this process and
-are printed here. A stage that fails stops the others; a stopped demo resumes as before,
-from the stages it had finished. Linux kills a stage's process when the demo's dies.
+are printed here. A stage that fails stops the others, and the folders they had begun are
+removed; a stopped demo resumes as before, from the stages it had finished. Linux kills a
+stage's process when the demo's dies.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from ..errors import DetoxError
-from .cache import Stage, StageResult, run_stage
+from .cache import Stage, StageResult, read_record, run_stage
 
 LOG_DIR = "logs"
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for when the parent dies
@@ -85,10 +86,21 @@ def run_stages(stages: list[Stage], fresh: bool, jobs: int, root: Path,
                     process.join()
                     done[stage.name] = result
     finally:
-        for _, process in running.values():
+        for stage, process in running.values():
             process.kill()
             process.join()
+            _drop_unfinished(stage)
     return [done[stage.name] for stage in stages]
+
+
+def _drop_unfinished(stage: Stage) -> None:
+    """Remove the folder of a stage stopped halfway (no record of its build), so that a
+    failed run leaves no half-written stage behind; a rerun builds it afresh either way."""
+    import shutil
+
+    record = read_record(stage.folder)
+    if stage.folder.is_dir() and (record is None or record.get("key") != stage.key):
+        shutil.rmtree(stage.folder, ignore_errors=True)
 
 
 def _receive(receive: Connection, stage: Stage, process, label: Label, logs: Path
