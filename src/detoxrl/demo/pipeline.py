@@ -1,4 +1,5 @@
-"""The demo's stages, built from a :class:`DemoConfig` and run in order.
+"""The demo's stages, built from a :class:`DemoConfig`, each run once the stages it reads
+are built (side by side where they do not read each other: :mod:`detoxrl.demo.parallel`).
 
 Every stage's config is loaded and checked before the first stage runs, so a bad option
 fails at once and writes nothing. Paths inside a stage's recorded inputs are written
