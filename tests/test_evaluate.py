@@ -258,6 +258,27 @@ def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
         main(["evaluate", str(tmp_path), "--n", "0"])
 
 
+def test_best_of_before_any_training_needs_only_a_config(run_dir, tmp_path, capsys):
+    """``--config YAML --best-of N`` without an adapter: the baseline of the config's model,
+    the same responses as the run folder's best-of evaluation; it needs --output."""
+    common = ["--best-of", "2", "--n", "3", "--samples-per-prompt", "2", "--max-new-tokens",
+              str(MAX_NEW), "--bootstrap", "100", "--quiet"]
+    config = str(run_dir / "config.yaml")
+    assert main(["evaluate", str(run_dir), *common, "--output", str(tmp_path / "run")]) == 0
+    assert main(["evaluate", "--config", config, *common, "--output",
+                 str(tmp_path / "config")]) == 0
+    read = {name: read_jsonl(tmp_path / name / "generations.jsonl") for name in ("run", "config")}
+    assert [(r["before"], r["after"]) for r in read["config"]] == \
+        [(r["before"], r["after"]) for r in read["run"]]
+    summary = json.loads((tmp_path / "config" / "summary.json").read_text())
+    assert summary["settings"]["adapter"] is None and summary["settings"]["best_of"] == 2
+    capsys.readouterr()
+    assert main(["evaluate", "--config", config, *common]) == 2
+    assert "give --output DIR" in capsys.readouterr().err
+    assert main(["evaluate", "--config", config, "--n", "3"]) == 2
+    assert "--best-of N alone" in capsys.readouterr().err
+
+
 def test_run_dir_and_overrides_in_any_order():
     assert split_run_dir(["--reward.model", "m", "runs/x", "--n=3", "steps=2"]) == (
         "runs/x", ["--reward.model", "m", "--n=3", "steps=2"])

@@ -140,7 +140,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--best-of", type=int, default=None, metavar="N", help="Evaluate the "
                    "baseline instead of the adapter: 'after' is the starting policy with each "
                    "of the K samples the best of N by the run's reward (reranking at "
-                   "inference, no training).")
+                   "inference, no training). With --config and no --adapter, the baseline of "
+                   "the config's model before any training (give --output).")
     p.add_argument("--no-topicality", dest="topicality", action="store_false", help="Leave "
                    "out the topicality (each response's PMI with its prompt under the "
                    "starting policy), which scores every response once more without its "
@@ -185,7 +186,8 @@ def target(args: argparse.Namespace):
     from ..evaluation.setup import resolve_target
 
     run_dir, overrides = split_run_dir(args.overrides)
-    return resolve_target(run_dir, args.config, args.adapter, overrides, args.output)
+    return resolve_target(run_dir, args.config, args.adapter, overrides, args.output,
+                          best_of=getattr(args, "best_of", None) is not None)
 
 
 def run(args: argparse.Namespace) -> int:

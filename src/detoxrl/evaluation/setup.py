@@ -87,11 +87,22 @@ class Decoding:
 
 
 def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
-                   overrides: Sequence[str] = (), output: str | None = None) -> Target:
-    """The config and adapter of ``RUN_DIR``, or of ``--config`` + ``--adapter``."""
+                   overrides: Sequence[str] = (), output: str | None = None,
+                   best_of: bool = False) -> Target:
+    """The config and adapter of ``RUN_DIR``, or of ``--config`` + ``--adapter``; with
+    ``best_of``, ``--config`` alone: the baseline of its model before any training."""
+    if run_dir is None and config is not None and adapter is None and best_of:
+        if output is None:
+            raise ConfigError("--config with --best-of and no adapter evaluates the baseline "
+                              "before any training, which has no run folder to write into; "
+                              "give --output DIR.")
+        check_writable(Path(output), "--output")
+        return Target(load_config(config, list(overrides)), None, Path(output))
     if run_dir is None and (config is None or adapter is None):
         raise ConfigError("Give a run folder (detoxrl evaluate runs/detoxrl), or --config "
-                          "YAML together with --adapter FOLDER for an adapter trained elsewhere.")
+                          "YAML together with --adapter FOLDER for an adapter trained "
+                          "elsewhere (or with --best-of N alone, for the baseline before any "
+                          "training).")
     if run_dir is not None and config is not None:
         raise ConfigError("Give either RUN_DIR (its config.yaml is used) or --config, not both; "
                           "change single options with dotted overrides, e.g. --reward.model X.")
