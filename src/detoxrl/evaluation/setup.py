@@ -91,14 +91,12 @@ def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
                    best_of: bool = False) -> Target:
     """The config and adapter of ``RUN_DIR``, or of ``--config`` + ``--adapter``; with
     ``best_of``, ``--config`` alone: the baseline of its model before any training."""
-    if run_dir is None and config is not None and adapter is None and best_of:
-        if output is None:
-            raise ConfigError("--config with --best-of and no adapter evaluates the baseline "
-                              "before any training, which has no run folder to write into; "
-                              "give --output DIR.")
-        check_writable(Path(output), "--output")
-        return Target(load_config(config, list(overrides)), None, Path(output))
-    if run_dir is None and (config is None or adapter is None):
+    baseline = run_dir is None and config is not None and adapter is None and best_of
+    if baseline and output is None:
+        raise ConfigError("--config with --best-of and no adapter evaluates the baseline "
+                          "before any training, which has no run folder to write into; "
+                          "give --output DIR.")
+    if run_dir is None and (config is None or (adapter is None and not baseline)):
         raise ConfigError("Give a run folder (detoxrl evaluate runs/detoxrl), or --config "
                           "YAML together with --adapter FOLDER for an adapter trained "
                           "elsewhere (or with --best-of N alone, for the baseline before any "
@@ -112,8 +110,8 @@ def resolve_target(run_dir: str | None, config: str | None, adapter: str | None,
             raise ConfigError(f"{str(root)!r} is not a training run folder: it has no "
                               "config.yaml. Pass the output_dir of 'detoxrl train'.")
         config = str(root / "config.yaml")
-    adapter_dir = Path(adapter) if adapter is not None else Path(run_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    adapter_dir = None if baseline else Path(adapter) if adapter is not None else Path(run_dir)
+    if adapter_dir is not None and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ModelLoadError(
             f"No trained adapter in {str(adapter_dir)!r} (no {ADAPTER_WEIGHTS}). A run "
             "folder holds one once training has finished; for a checkpoint pass "
