@@ -47,8 +47,7 @@ def default_jobs() -> int:
 
     if torch.cuda.is_available() or not sys.platform.startswith("linux"):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, torch.get_num_threads()))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, torch.get_num_threads()))
 
 
 def run_stages(stages: list[Stage], fresh: bool, jobs: int, root: Path,
