@@ -4,8 +4,8 @@
 (the seq2seq/causal split lives there; ``value_head`` the head); ``reward`` the classifier
 rewards; ``loading`` ``from_pretrained`` with clear errors; ``decoding`` the one decoding
 loop, ``sampler`` its next-token sampler, ``generation`` length limits, masks and beam
-search; ``prefix`` the passes and decoding steps that read a query shared by several rows
-once; ``rollout`` the sampled batch (:class:`~detoxrl.models.rollout.Rollout`); ``tiny`` the
+search; ``prefix`` a causal pass that reads each query shared by several rows once;
+``rollout`` the sampled batch (:class:`~detoxrl.models.rollout.Rollout`); ``tiny`` the
 offline test models; ``inference`` the public ``generate``; ``lora`` the default LoRA
 targets; ``quiet`` the library messages silenced around loading; ``attention`` the
 attention kernels the policy's passes may use on a GPU. Imports ``detoxrl.errors``,

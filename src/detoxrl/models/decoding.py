@@ -5,9 +5,7 @@ One cached forward pass per new token (transformers' ``DynamicCache``; an
 :func:`detoxrl.models.sampler.sample_next`, and, read from the same pass, the sampled token's
 log-prob and the last hidden state (PPO's old log-probs and values). What ``generate`` did
 per step besides that (logits processors, stopping criteria, input preparation) is not done.
-Where K rows continue each query (``repeats``), a causal LM's rows read one shared copy of
-the query's keys and values (:class:`detoxrl.models.prefix.SharedPrefix`). On a GPU the
-steps run over a ``StaticCache`` and are replayed as CUDA graphs
+On a GPU the steps run over a ``StaticCache`` and are replayed as CUDA graphs
 (:mod:`detoxrl.models.graphs`); the loop around them is the same.
 
 Rows that sampled EOS get the pad token afterwards, as ``generate`` gives them. The loop stops
@@ -23,7 +21,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import prefix
 from .generation import last_logit_only, real_positions
 from .graphs import Step, causal_steps, seq2seq_steps
 from .sampler import sample_next
@@ -129,20 +126,17 @@ def _causal_steps(model, query_ids: Tensor, query_mask: Tensor, max_new_tokens: 
 
     Position ids count real tokens only (left padding), as ``Policy.forward`` counts them, so
     a prompt's log-probs do not depend on the longest prompt in the batch. With ``repeats``
-    the query is read once; its rows then attend to one shared copy of its keys and values
-    (:class:`~detoxrl.models.prefix.SharedPrefix`) where the model allows it, and to their
-    own copies of its cache otherwise.
+    the query's pass and cache are copied to its rows after the first call.
     """
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
     width = query_ids.shape[1]
     mask = torch.cat([query_mask, query_mask.new_ones(query_mask.shape[0], max_new_tokens)], 1)
     mask = mask.repeat_interleave(repeats, dim=0)                              # (B*K, Q+T)
     positions = real_positions(query_mask)                                        # (B, Q)
     keep = last_logit_only(model)
-    share = repeats > 1 and prefix.can_share_prefix(model, query_ids.device)
-    state = {"seen": width, "position": positions[:, -1:].repeat_interleave(repeats, dim=0),
-             "cache": DynamicCache(config=model.config), "prefix": None}
+    state = {"seen": width, "position": positions[:, -1:].repeat_interleave(repeats, dim=0)}
 
     def step(new: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if new is None:
@@ -152,21 +146,12 @@ def _causal_steps(model, query_ids: Tensor, query_mask: Tensor, max_new_tokens: 
             state["seen"] += 1
             state["position"] = pos
             seen = mask[:, :state["seen"]]
-        args = dict(input_ids=ids, position_ids=pos, cache=state["cache"], use_cache=True,
-                    output_hidden_states=with_hidden, **keep)
-        if state["prefix"] is None:
-            out = model(attention_mask=seen, **args)
-        else:  # the query's padding is in the prefix; every later position is attended to
-            with state["prefix"].step(model):
-                out = model(shared_prefix=state["prefix"], **args)
+        out = model(input_ids=ids, attention_mask=seen, position_ids=pos, cache=cache,
+                    use_cache=True, output_hidden_states=with_hidden, **keep)
         logits = out.logits[:, -1]                                               # (B, V)
         last = out.hidden_states[-1][:, -1] if with_hidden else None
         if new is None and repeats > 1:
-            if share:
-                state["prefix"] = prefix.SharedPrefix(state["cache"], query_mask)
-                state["cache"] = DynamicCache(config=model.config)
-            else:
-                state["cache"].batch_repeat_interleave(repeats)
+            cache.batch_repeat_interleave(repeats)
             logits = logits.repeat_interleave(repeats, dim=0)                    # (B*K, V)
             last = None if last is None else last.repeat_interleave(repeats, dim=0)
         return logits, last
