@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import compare, data, demo, evaluate, generate, report, supervised, train
 
     parser = argparse.ArgumentParser(
-        prog="detoxrl", description="Make text generators less toxic with PPO from a "
-        "classifier's feedback.", allow_abbrev=False)
+        prog="detoxrl", description="Make text generators less toxic with RL (PPO, RLOO, "
+        "GRPO) from a classifier's feedback.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"detoxrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (demo, data, supervised, train, evaluate, compare, report, generate):

@@ -7,10 +7,11 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="Train a policy with PPO against a toxicity classifier.",
-        description="Train with PPO. Options come from --config (YAML) and may be overridden "
-        "with dotted keys, e.g. --ppo.learning_rate 3e-5 --steps 20 --model.name_or_path "
-        "./flan-t5-base. Run with --help-config to list every option.",
+        "train", help="Train a policy with RL (PPO, RLOO or GRPO) against a toxicity classifier.",
+        description="Train with PPO, RLOO or GRPO (ppo.algorithm). Options come from --config\n"
+        "(YAML) and may be overridden with dotted keys, e.g. --ppo.learning_rate 3e-5\n"
+        "--steps 20 --model.name_or_path ./flan-t5-base. Run with --help-config to list\n"
+        "every option.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml.")
     p.add_argument("--output-dir", help="Run folder (overrides output_dir).")
