@@ -234,43 +234,50 @@ def test_reference_perplexity_of_generated_tokens_matches_a_plain_loop(arch, req
 
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
-def test_topicality_reads_its_prompt_term_from_the_generation(arch, request):
-    """The PMI's log p(response | prompt) comes from the sampling and reference passes
-    (nothing blocked, though min_length blocked EOS while sampling) wherever the response
-    text tokenizes back to its tokens: the same PMI as the fluency pass gives; other rows
-    still get the pass."""
+def test_topicality_is_the_pmi_of_the_generated_ids(arch, request):
+    """Per response, (log p(ids | prompt) - log p(ids | no prompt)) / n under the starting
+    policy, of the very ids it sampled (nothing blocked, though min_length blocked EOS while
+    sampling): checked against Policy.forward, one response at a time."""
     import numpy as np
     from datasets import Dataset
 
     from detoxrl.config import ModelConfig, SamplingConfig
-    from detoxrl.evaluation.fluency import _known_rows, encode_responses, pmi, reference_model
+    from detoxrl.evaluation.runner import measure_topicality
     from detoxrl.evaluation.sampling import generate_before_after
     from detoxrl.models.policy import Policy
 
     policy = Policy.from_pretrained(ModelConfig(name_or_path=str(
         request.getfixturevalue(f"tiny_{arch}_path"))), value_head=False)
     tok = policy.tokenizer
+    if policy.is_seq2seq:  # T5's tokenizers end every input with EOS, the empty one too
+        from tokenizers import processors
+
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)])
     queries = ["Hello there, how", "I think the meeting is", "No", "The weather today"]
     rows = Dataset.from_dict({"id": list("abcd"), "query": queries,
                               "input_ids": [tok(q).input_ids for q in queries],
                               "references": [[] for _ in queries]})
     gen = generate_before_after(policy, rows, SamplingConfig(min_length=4), 6, 2, 0,
                                 progress=False, samples_per_prompt=4)
-    fm, texts = reference_model(policy), gen.sample_queries
-    prompt_ids = [ids for ids in gen.prompt_ids for _ in range(gen.k)]
-    contexts = tok(texts, add_special_tokens=policy.is_seq2seq)["input_ids"]
-    n_known = 0
-    with policy.reference():
-        for responses, ids, loglik in ((gen.before, gen.ids_before, gen.loglik_before),
-                                       (gen.after, gen.ids_after, gen.loglik_after)):
-            scored = (prompt_ids, ids, loglik)
-            full = pmi(fm, texts, responses, 3)
-            np.testing.assert_allclose(pmi(fm, texts, responses, 3, scored), full, atol=1e-5)
-            # A tiny random LM's bytes rarely decode to text that tokenizes back to them.
-            known = _known_rows(fm, contexts, encode_responses(tok, responses, "x"), scored)
-            n_known += len(known)
-            # The known rows take the given numbers, the others do not.
-            shifted = pmi(fm, texts, responses, 3, (prompt_ids, ids, [x + 1 for x in loglik]))
-            moved = np.flatnonzero(np.abs(shifted - full) > 1e-3)
-            assert moved.tolist() == sorted(known)
-    assert n_known > 0
+    topicality = measure_topicality(policy, gen, batch_size=3)
+    # "Nothing": the empty prompt as the tokenizer encodes it (a seq2seq encoder reads its
+    # EOS), else one start token.
+    nothing = (tok("", add_special_tokens=policy.is_seq2seq).input_ids
+               or [next(t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None)])
+
+    def loglik(context: list[int], ids: list[int]) -> float:
+        one = torch.ones(1, len(ids), dtype=torch.long)
+        out = policy(torch.tensor([context]), torch.ones(1, len(context), dtype=torch.long),
+                     torch.tensor([ids]), one, with_values=False)
+        return float(out.logprobs.double().sum())
+
+    with policy.reference(), torch.no_grad():
+        for side in ("before", "after"):
+            ids, given = getattr(gen, f"ids_{side}"), getattr(gen, f"loglik_{side}")
+            expected = []
+            for i, row in enumerate(ids):
+                prompt = rows[i // gen.k]["input_ids"]
+                assert given[i] == pytest.approx(loglik(prompt, row), abs=1e-4)
+                expected.append((given[i] - loglik(nothing, row)) / len(row))
+            np.testing.assert_allclose(topicality[side], expected, atol=1e-4)

@@ -13,16 +13,19 @@ token ids it and the trained policy sampled (``evaluation.sampling.perplexity`` 
 ``reference_logprobs``, or of the log-probs read while it sampled), which needs no
 re-tokenization: the perplexity of the generated tokens, as the KL is.
 
-Topicality (:func:`pmi`) asks whether a response is about its prompt: a policy can lower a
-toxicity classifier's score with generic lines that ignore the prompt, which neither the
-length, distinct-n nor the perplexity catches (a generic line is *likely*). Under the
-starting policy, per response,
+Topicality asks whether a response is about its prompt: a policy can lower a toxicity
+classifier's score with generic lines that ignore the prompt, which neither the length,
+distinct-n nor the perplexity catches (a generic line is *likely*). Under the starting
+policy, per response,
 
     PMI = (log p(response | prompt) - log p(response | nothing)) / n_tokens   (nats/token)
 
 the log perplexity without the prompt minus the log perplexity with it (Church & Hanks
 1990's pointwise mutual information, per token; "nothing" is one start token). Near 0: the
-prompt does not help predict the response.
+prompt does not help predict the response. The evaluation takes it of the token ids that
+were generated (:func:`pmi_of_ids`), as the perplexity and the KL: the term given the prompt
+is what its sampling and reference passes read (nothing blocked), the term without it one
+more pass. :func:`pmi` takes it of texts, re-tokenized (responses kept without their ids).
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ import torch
 from ..errors import ConfigError
 
 REFERENCE = "reference policy (adapter off)"
-# Per response: its prompt's token ids, its own token ids, log p(response | prompt).
-Scored = tuple[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[float]]
 
 
 @dataclass
@@ -80,13 +81,23 @@ def reference_model(policy) -> FluencyModel:
 
 
 def pmi(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
-        batch_size: int = 64, scored: Scored | None = None) -> np.ndarray:
-    """``(N,)`` per-token PMI of each response with its prompt; NaN for an empty one.
-    ``scored``: log p(response | prompt) known already (:func:`perplexities`)."""
+        batch_size: int = 64) -> np.ndarray:
+    """``(N,)`` per-token PMI of each response text with its prompt; NaN for an empty one."""
     targets = encode_responses(fm.tokenizer, responses, fm.name)
-    with_prompt = _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size, scored)
+    with_prompt = _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size)
     without = _perplexities(fm, _encode_prompts(fm, [""] * len(targets)), targets, batch_size)
     return np.log(without) - np.log(with_prompt)
+
+
+def pmi_of_ids(fm: FluencyModel, ids: Sequence[Sequence[int]], loglik: Sequence[float],
+               batch_size: int = 64) -> np.ndarray:
+    """``(N,)`` per-token PMI of generated token ids, given each one's log p(ids | prompt)
+    under this model; NaN for an empty response."""
+    n = np.array([len(x) for x in ids], dtype=float)
+    nothing = _encode_prompts(fm, [""] * len(ids))  # as :func:`pmi` reads no prompt
+    without = _perplexities(fm, nothing, [list(x) for x in ids], batch_size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 0, np.log(without) + np.asarray(loglik, dtype=float) / n, np.nan)
 
 
 def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[list[int]]:
@@ -110,17 +121,10 @@ def encode_responses(tokenizer, responses: Sequence[str], name: str) -> list[lis
 
 @torch.no_grad()
 def perplexities(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
-                 batch_size: int = 16, scored: Scored | None = None) -> np.ndarray:
-    """``(N,)`` perplexity of each response given its prompt; NaN for an empty response.
-
-    ``scored``: per response, the prompt's and the response's token ids and the summed
-    log-likelihood this very model gave the response given the prompt (the evaluation reads
-    it from its sampling and reference passes). Where this tokenizer maps the prompt and the
-    response text to those same ids, that is the pass this function would make, so it is
-    taken instead; the other rows (a text that tokenizes differently) get the pass.
-    """
+                 batch_size: int = 16) -> np.ndarray:
+    """``(N,)`` perplexity of each response given its prompt; NaN for an empty response."""
     targets = encode_responses(fm.tokenizer, responses, fm.name)
-    return _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size, scored)
+    return _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size)
 
 
 def _encode_prompts(fm: FluencyModel, prompts: Sequence[str]) -> list[list[int]]:
@@ -133,21 +137,15 @@ def _encode_prompts(fm: FluencyModel, prompts: Sequence[str]) -> list[list[int]]
 
 
 def _perplexities(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
-                  batch_size: int, scored: Scored | None = None) -> np.ndarray:
+                  batch_size: int) -> np.ndarray:
     """:func:`perplexities` of token ids: ``contexts`` and ``targets``, one of each per
     response."""
     out = np.full(len(targets), np.nan)
-    todo = list(range(len(targets)))
-    if scored is not None:
-        known = _known_rows(fm, contexts, targets, scored)
-        for i, loglik in known.items():
-            out[i] = np.exp(-loglik / len(targets[i]))
-        todo = [i for i in todo if i not in known]
     device = next(fm.model.parameters()).device
     # Batches of rows with similar prompt and response lengths: a batch's width is its
     # longest row, and a causal LM's logits start at its shortest prompt, so mixed lengths
     # would mostly compute padding.
-    order = sorted(todo, key=lambda i: (len(contexts[i]), len(targets[i])))
+    order = sorted(range(len(targets)), key=lambda i: (len(contexts[i]), len(targets[i])))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -156,20 +154,6 @@ def _perplexities(fm: FluencyModel, contexts: list[list[int]], targets: list[lis
             ok = counts > 0
             out[np.asarray(rows)[ok]] = np.exp(nll[ok] / counts[ok])
     return out
-
-
-def _known_rows(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
-                scored: Scored) -> dict[int, float]:
-    """Row -> the scored log-likelihood, for the rows a pass here would score identically:
-    the same prompt and response ids, nothing cut to the model's positions, a non-empty
-    prompt and response."""
-    limit = _max_positions(fm.model.config)
-    known = {}
-    for i, (c, x, loglik) in enumerate(zip(*scored, strict=True)):
-        fits = (len(c) <= limit and len(x) <= limit) if fm.is_seq2seq else len(c) + len(x) <= limit
-        if c and x and fits and c == contexts[i] and x == targets[i] and np.isfinite(loglik):
-            known[i] = loglik
-    return known
 
 
 def _batch_nll(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],

@@ -132,19 +132,16 @@ def measure_perplexity(fm, gen: Generations, batch_size: int) -> dict[str, list[
 
 def measure_topicality(policy, gen: Generations, batch_size: int = 64
                        ) -> dict[str, list[float]]:
-    """Per response, before and after: its PMI with its prompt under the starting policy
-    (:func:`detoxrl.evaluation.fluency.pmi`). Its term given the prompt comes from the
-    generation's own passes wherever the response text tokenizes back to its tokens."""
-    from .fluency import pmi, reference_model
+    """Per response, before and after: its PMI with its prompt under the starting policy,
+    of the token ids it was generated as (:func:`detoxrl.evaluation.fluency.pmi_of_ids`):
+    the term given the prompt is the log-likelihood the generation's passes read."""
+    from .fluency import pmi_of_ids, reference_model
 
-    queries, fm = gen.sample_queries, reference_model(policy)
-    prompt_ids = [ids for ids in gen.prompt_ids for _ in range(gen.k)]
-    sides = (("before", gen.before, gen.ids_before, gen.loglik_before),
-             ("after", gen.after, gen.ids_after, gen.loglik_after))
+    fm = reference_model(policy)
     with policy.reference():
-        return {side: pmi(fm, queries, texts, batch_size,
-                          (prompt_ids, ids, loglik) if ids else None).tolist()
-                for side, texts, ids, loglik in sides}
+        return {side: pmi_of_ids(fm, getattr(gen, f"ids_{side}"), getattr(gen, f"loglik_{side}"),
+                                 batch_size).tolist()
+                for side in ("before", "after")}
 
 
 def judge_floors(clean: list[tuple[str, str]], scorers: dict[str, dict[str, Any]], jobs,

@@ -46,9 +46,7 @@ class Generations:
     tokens_after: list[int] = dataclasses.field(default_factory=list)
     # The topicality's term given the prompt, from the passes above: per response, its
     # generated token ids (EOS not counted) and their log-likelihood given the prompt under
-    # the reference policy as a bare LM (nothing blocked, temperature 1); per prompt, its
-    # token ids as the policy read them.
-    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    # the reference policy as a bare LM (nothing blocked, temperature 1).
     ids_before: list[list[int]] = dataclasses.field(default_factory=list)
     ids_after: list[list[int]] = dataclasses.field(default_factory=list)
     loglik_before: list[float] = dataclasses.field(default_factory=list)
@@ -86,8 +84,7 @@ def generate_before_after(policy, rows, sampling: SamplingConfig, max_new_tokens
         kl_temperature = None
     device = next(policy.parameters()).device
     out = Generations(list(rows["id"]), list(rows["query"]), list(rows["references"]), [], [],
-                      [] if kl_temperature is not None else None,
-                      prompt_ids=[list(x) for x in rows["input_ids"]], k=k)
+                      [] if kl_temperature is not None else None, k=k)
     # Log-probs read while sampling (at the sampling temperature) replace forward passes:
     # the reference's own at T = 1 are the "before" perplexity, the policy's the KL's.
     read_before = sampling.temperature == 1.0
