@@ -21,7 +21,8 @@ policy, per response,
     PMI = (log p(response | prompt) - log p(response | nothing)) / n_tokens   (nats/token)
 
 the log perplexity without the prompt minus the log perplexity with it (Church & Hanks
-1990's pointwise mutual information, per token; "nothing" is one start token). Near 0: the
+1990's pointwise mutual information, per token; "nothing" is the empty prompt as the
+tokenizer encodes it, T5's EOS, or one start token where that is empty). Near 0: the
 prompt does not help predict the response. The evaluation takes it of the token ids that
 were generated (:func:`pmi_of_ids`), as the perplexity and the KL: the term given the prompt
 is what its sampling and reference passes read (nothing blocked), the term without it one
@@ -85,7 +86,7 @@ def pmi(fm: FluencyModel, prompts: Sequence[str], responses: Sequence[str],
     """``(N,)`` per-token PMI of each response text with its prompt; NaN for an empty one."""
     targets = encode_responses(fm.tokenizer, responses, fm.name)
     with_prompt = _perplexities(fm, _encode_prompts(fm, prompts), targets, batch_size)
-    without = _perplexities(fm, _encode_prompts(fm, [""] * len(targets)), targets, batch_size)
+    without = _perplexities(fm, _no_prompt(fm, len(targets)), targets, batch_size)
     return np.log(without) - np.log(with_prompt)
 
 
@@ -94,8 +95,7 @@ def pmi_of_ids(fm: FluencyModel, ids: Sequence[Sequence[int]], loglik: Sequence[
     """``(N,)`` per-token PMI of generated token ids, given each one's log p(ids | prompt)
     under this model; NaN for an empty response."""
     n = np.array([len(x) for x in ids], dtype=float)
-    nothing = _encode_prompts(fm, [""] * len(ids))  # as :func:`pmi` reads no prompt
-    without = _perplexities(fm, nothing, [list(x) for x in ids], batch_size)
+    without = _perplexities(fm, _no_prompt(fm, len(ids)), [list(x) for x in ids], batch_size)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(n > 0, np.log(without) + np.asarray(loglik, dtype=float) / n, np.nan)
 
@@ -134,6 +134,12 @@ def _encode_prompts(fm: FluencyModel, prompts: Sequence[str]) -> list[list[int]]
     ids = fm.tokenizer(distinct, add_special_tokens=fm.is_seq2seq, verbose=False)["input_ids"]
     by_text = dict(zip(distinct, ids, strict=True))
     return [by_text[p] for p in prompts]
+
+
+def _no_prompt(fm: FluencyModel, n: int) -> list[list[int]]:
+    """The context of the PMI's term without the prompt, ``n`` times: the empty prompt as the
+    tokenizer encodes it (``_batch_nll`` puts a start token where that is empty)."""
+    return _encode_prompts(fm, [""] * n)
 
 
 def _perplexities(fm: FluencyModel, contexts: list[list[int]], targets: list[list[int]],
